@@ -1,0 +1,39 @@
+"""The `mlx-cache-proxy` command: one entry point, a subcommand per role.
+
+Subcommands import their modules lazily so that `serve` (the proxy) never
+imports MLX and `make-model` never imports aiohttp.
+"""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: mlx-cache-proxy COMMAND [options]
+
+commands:
+  serve        run the OpenAI-compatible proxy and its workers
+  worker       run one MLX worker process (normally started by `serve`)
+  make-model   write a tiny real mlx-lm model directory (random weights)
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command == "serve":
+        from proxy.serve import main as run
+    elif command == "worker":
+        from worker.main import main as run
+    elif command == "make-model":
+        from worker.tiny_models import main as run
+    else:
+        print(f"mlx-cache-proxy: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    return run(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

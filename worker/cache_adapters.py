@@ -1,0 +1,316 @@
+"""Snapshot / restore of mlx-lm cache objects, one small adapter per cache kind.
+
+Every cache kind answers the same few verbs, so the pool never asks what kind a
+layer is:
+
+- `rewindable`: can be cut back to any earlier position without a snapshot
+  (full-attention KV: only the offset moves, nothing is copied);
+- `snapshot(cache)`: the layer's state at its current position (recurrent state,
+  a sliding window), for layers that are not rewindable;
+- `restore(cache, position, snap)`: the layer at `position`, from a rewind or a snapshot;
+- `fork(cache, position, snap)`: a new layer object holding the state at `position`,
+  leaving `cache` untouched (KV shares its prefix until the new layer writes);
+- `nbytes(cache)`.
+
+MLX arrays have value semantics: `cache.keys[..., i:j, :] = x` rebinds the cache's
+own array object, it never changes another object that shares the buffer (MLX
+copies on write when a buffer is shared). So a snapshot only has to hold its own
+array objects, and restoring hands the cache fresh objects (`x[:]`), never ours.
+
+A new cache kind needs one new adapter class here and one line in `_ADAPTERS`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.models import cache as mlc
+
+log = logging.getLogger("mlx_cache_proxy.worker")
+
+
+class UnsupportedCache(Exception):
+    """A model uses a cache kind no adapter handles; it runs uncached."""
+
+
+def _own(x: Any) -> Any:
+    """A new array object with the same value (no copy until someone writes)."""
+    if x is None:
+        return None
+    if isinstance(x, (tuple, list)):
+        return type(x)(_own(v) for v in x)
+    return x[:]
+
+
+def _nbytes(x: Any) -> int:
+    if x is None:
+        return 0
+    if isinstance(x, (tuple, list)):
+        return sum(_nbytes(v) for v in x)
+    return x.nbytes
+
+
+class LayerAdapter:
+    rewindable = False
+
+    def snapshot(self, cache: Any) -> Any:
+        raise NotImplementedError
+
+    def restore(self, cache: Any, position: int, snap: Any) -> Any:
+        raise NotImplementedError
+
+    def fork(self, cache: Any, position: int, snap: Any) -> Any:
+        return self.restore(None, position, snap)
+
+    def snapshot_nbytes(self, snap: Any) -> int:
+        return 0
+
+    def nbytes(self, cache: Any) -> int:
+        return cache.nbytes
+
+    def layout_bytes(self, cache: Any) -> tuple[int, int]:
+        """(KV bytes one more token adds, bytes of a full snapshot) of a layer that has seen tokens."""
+        raise NotImplementedError
+
+
+def _per_token(keys: Any, values: Any) -> int:
+    """Bytes per token position of a (B, heads, positions, dim) buffer pair (or quantized tuples)."""
+    first = keys[0] if isinstance(keys, (tuple, list)) else keys
+    return _nbytes((keys, values)) // max(1, first.shape[-2])
+
+
+class KVAdapter(LayerAdapter):
+    """KVCache, QuantizedKVCache, ConcatenateKVCache: trimmed by moving the offset."""
+
+    rewindable = True
+
+    def snapshot(self, cache: Any) -> None:
+        return None
+
+    def restore(self, cache: Any, position: int, snap: Any) -> Any:
+        if position > cache.offset:
+            raise ValueError(f"cannot rewind a KV cache at {cache.offset} forward to {position}")
+        cache.trim(cache.offset - position)
+        return cache
+
+    def fork(self, cache: Any, position: int, snap: Any) -> Any:
+        new = type(cache).__new__(type(cache))
+        new.__dict__.update(cache.__dict__)
+        if cache.keys is not None:
+            # Views of the prefix: the first write past `position` grows the
+            # buffer with a concatenate, which copies the prefix once.
+            new.keys, new.values = _slice_seq(cache.keys, position), _slice_seq(cache.values, position)
+        new.offset = position
+        return new
+
+    def nbytes(self, cache: Any) -> int:
+        return 0 if cache.keys is None else _nbytes((cache.keys, cache.values))
+
+    def layout_bytes(self, cache: Any) -> tuple[int, int]:
+        return _per_token(cache.keys, cache.values), 0
+
+
+def _slice_seq(x: Any, position: int) -> Any:
+    if isinstance(x, (tuple, list)):
+        return type(x)(v[..., :position, :] for v in x)
+    return x[..., :position, :]
+
+
+@dataclass(frozen=True)
+class _WindowState:
+    keys: Any
+    values: Any
+    meta: tuple
+
+
+class RotatingAdapter(LayerAdapter):
+    """RotatingKVCache (sliding window): the window is gone once passed, so snapshot it."""
+
+    def snapshot(self, cache: Any) -> _WindowState:
+        return _WindowState(_own(cache.keys), _own(cache.values), (cache.offset, cache.keep, cache.max_size, cache._idx))
+
+    def restore(self, cache: Any, position: int, snap: _WindowState) -> Any:
+        offset, keep, max_size, idx = snap.meta
+        if offset != position:
+            raise ValueError(f"snapshot at {offset} restored at {position}")
+        new = mlc.RotatingKVCache(max_size=max_size, keep=keep)
+        new.keys, new.values, new.offset, new._idx = _own(snap.keys), _own(snap.values), offset, idx
+        return new
+
+    def snapshot_nbytes(self, snap: _WindowState) -> int:
+        return _nbytes((snap.keys, snap.values))
+
+    def layout_bytes(self, cache: Any) -> tuple[int, int]:
+        return 0, _per_token(cache.keys, cache.values) * cache.max_size
+
+
+class ChunkedAdapter(LayerAdapter):
+    """ChunkedKVCache (chunked attention): the front is dropped, so snapshot it."""
+
+    def snapshot(self, cache: Any) -> _WindowState:
+        return _WindowState(_own(cache.keys), _own(cache.values), (cache.offset, cache.chunk_size, cache.start_position))
+
+    def restore(self, cache: Any, position: int, snap: _WindowState) -> Any:
+        offset, chunk_size, start = snap.meta
+        if offset != position:
+            raise ValueError(f"snapshot at {offset} restored at {position}")
+        new = mlc.ChunkedKVCache(chunk_size)
+        new.keys, new.values, new.offset, new.start_position = _own(snap.keys), _own(snap.values), offset, start
+        return new
+
+    def snapshot_nbytes(self, snap: _WindowState) -> int:
+        return _nbytes((snap.keys, snap.values))
+
+    def layout_bytes(self, cache: Any) -> tuple[int, int]:
+        return 0, _per_token(cache.keys, cache.values) * cache.chunk_size
+
+
+class ArraysAdapter(LayerAdapter):
+    """ArraysCache (Gated DeltaNet, Mamba, conv state): recurrent, cannot be rolled back.
+
+    The models replace list items (`cache[1] = state`), never write into the
+    arrays, so a snapshot is the list of current arrays made compact: a conv
+    state can be a view into the whole chunk's input, which we must not keep alive.
+    """
+
+    def snapshot(self, cache: Any) -> list:
+        return [None if a is None else mx.contiguous(a) for a in cache.cache]
+
+    def restore(self, cache: Any, position: int, snap: list) -> Any:
+        new = mlc.ArraysCache(len(snap))
+        new.cache = list(snap)
+        return new
+
+    def snapshot_nbytes(self, snap: list) -> int:
+        return _nbytes(snap)
+
+    def layout_bytes(self, cache: Any) -> tuple[int, int]:
+        return 0, _nbytes(cache.cache)
+
+
+class CacheListAdapter(LayerAdapter):
+    """CacheList (e.g. Falcon-H1: Mamba state + attention KV in one layer): per child."""
+
+    def __init__(self, children: list[LayerAdapter]):
+        self.children = children
+        self.rewindable = all(c.rewindable for c in children)
+
+    def snapshot(self, cache: Any) -> list:
+        return [None if a.rewindable else a.snapshot(c) for a, c in zip(self.children, cache.caches)]
+
+    def restore(self, cache: Any, position: int, snap: list) -> Any:
+        snap = snap or [None] * len(self.children)
+        cache.caches = tuple(a.restore(c, position, s) for a, c, s in zip(self.children, cache.caches, snap))
+        return cache
+
+    def fork(self, cache: Any, position: int, snap: list) -> Any:
+        snap = snap or [None] * len(self.children)
+        return mlc.CacheList(*(a.fork(c, position, s) for a, c, s in zip(self.children, cache.caches, snap)))
+
+    def snapshot_nbytes(self, snap: list) -> int:
+        return sum(a.snapshot_nbytes(s) for a, s in zip(self.children, snap or []) if s is not None)
+
+    def nbytes(self, cache: Any) -> int:
+        return sum(a.nbytes(c) for a, c in zip(self.children, cache.caches))
+
+    def layout_bytes(self, cache: Any) -> tuple[int, int]:
+        pairs = [a.layout_bytes(c) for a, c in zip(self.children, cache.caches)]
+        return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+
+
+_ADAPTERS: dict[type, type[LayerAdapter]] = {
+    mlc.KVCache: KVAdapter,
+    mlc.QuantizedKVCache: KVAdapter,
+    mlc.ConcatenateKVCache: KVAdapter,
+    mlc.RotatingKVCache: RotatingAdapter,
+    mlc.ChunkedKVCache: ChunkedAdapter,
+    mlc.ArraysCache: ArraysAdapter,
+}
+
+
+def adapter_for(cache: Any) -> LayerAdapter:
+    if isinstance(cache, mlc.CacheList):
+        return CacheListAdapter([adapter_for(c) for c in cache.caches])
+    adapter = _ADAPTERS.get(type(cache))
+    if adapter is None:
+        raise UnsupportedCache(type(cache).__name__)
+    return adapter()
+
+
+def kind_name(cache: Any) -> str:
+    if isinstance(cache, mlc.CacheList):
+        return "CacheList(" + ",".join(kind_name(c) for c in cache.caches) + ")"
+    return type(cache).__name__
+
+
+def measure_layout(cache: list) -> tuple[int, int]:
+    """(KV bytes per token, bytes of one model snapshot) from a cache that has seen a token.
+
+    Layers no adapter handles count nothing (the model then runs uncached anyway).
+    """
+    kv, snap = 0, 0
+    for layer in cache:
+        try:
+            per_token, snapshot = adapter_for(layer).layout_bytes(layer)
+        except UnsupportedCache:
+            continue
+        kv, snap = kv + per_token, snap + snapshot
+    return kv, snap
+
+
+@dataclass(frozen=True)
+class ModelSnapshot:
+    """The non-rewindable layers of a whole model cache at one position."""
+
+    position: int
+    layers: list  # per layer: the adapter's snapshot, or None for rewindable layers
+    nbytes: int
+
+
+class ModelCacheOps:
+    """The pool's view of one model's cache: the per-layer adapters applied to the whole list."""
+
+    def __init__(self, model: Any):
+        self._model = model
+        template = model.make_cache()
+        self.layer_kinds = [kind_name(c) for c in template]
+        self.adapters = [adapter_for(c) for c in template]  # raises UnsupportedCache
+        self.needs_snapshots = not all(a.rewindable for a in self.adapters)
+
+    def new_cache(self) -> list:
+        return self._model.make_cache()
+
+    def snapshot(self, cache: list, position: int) -> ModelSnapshot:
+        layers = [None if a.rewindable else a.snapshot(c) for a, c in zip(self.adapters, cache)]
+        nbytes = sum(a.snapshot_nbytes(s) for a, s in zip(self.adapters, layers) if s is not None)
+        return ModelSnapshot(position, layers, nbytes)
+
+    def restore(self, cache: list, position: int, snap: ModelSnapshot | None) -> list:
+        """Bring `cache` (in place) back to `position`."""
+        layers = self._snapshot_layers(position, snap)
+        for i, (a, s) in enumerate(zip(self.adapters, layers)):
+            cache[i] = a.restore(cache[i], position, s)
+        return cache
+
+    def fork(self, cache: list, position: int, snap: ModelSnapshot | None) -> list:
+        """A new cache at `position`, sharing what it can with `cache`, which stays as it is."""
+        layers = self._snapshot_layers(position, snap)
+        return [a.fork(c, position, s) for a, c, s in zip(self.adapters, cache, layers)]
+
+    def _snapshot_layers(self, position: int, snap: ModelSnapshot | None) -> list:
+        if snap is None:
+            if self.needs_snapshots:
+                raise ValueError(f"position {position} needs a snapshot for this model")
+            return [None] * len(self.adapters)
+        if snap.position != position:
+            raise ValueError(f"snapshot at {snap.position} used for {position}")
+        return snap.layers
+
+    def nbytes(self, cache: list) -> int:
+        return sum(a.nbytes(c) for a, c in zip(self.adapters, cache))
+
+    def eval_state(self, cache: list) -> None:
+        mx.eval([c.state for c in cache])

@@ -1,0 +1,189 @@
+"""A radix tree over token sequences: where stored sequences end and where checkpoints sit.
+
+Pure Python, no MLX: the pool keeps opaque values in it. A checkpoint at depth d
+depends only on the first d tokens, so it lives on the tree path, not on one
+sequence, and every sequence sharing that prefix can restore from it.
+
+Each node covers the tokens of the edge from its parent, i.e. depths
+(parent.depth, depth]; checkpoints attached to a node have depths in that range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+_BLOCK = 64  # compare tokens this many at a time (C speed) before scanning one by one
+
+
+def common_prefix_length(a: list[int], b: list[int], start: int = 0) -> int:
+    """Length of the common prefix of a and b, assuming a[:start] == b[:start]."""
+    limit = min(len(a), len(b))
+    i = start
+    while i + _BLOCK <= limit and a[i : i + _BLOCK] == b[i : i + _BLOCK]:
+        i += _BLOCK
+    while i < limit and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Node:
+    __slots__ = ("parent", "edge", "depth", "children", "checkpoints", "entries")
+
+    def __init__(self, parent: Node | None, edge: list[int], depth: int):
+        self.parent = parent
+        self.edge = edge
+        self.depth = depth
+        self.children: dict[int, Node] = {}
+        self.checkpoints: dict[int, Any] = {}  # depth -> value
+        self.entries: set[Any] = set()  # keys of stored sequences ending at self.depth
+
+    @property
+    def start(self) -> int:
+        return self.depth - len(self.edge)
+
+    def __repr__(self) -> str:
+        return f"Node({self.start}..{self.depth}, children={len(self.children)}, entries={len(self.entries)})"
+
+
+@dataclass
+class Match:
+    """How far a token sequence follows the tree."""
+
+    length: int  # tokens matched
+    path: list[Node] = field(default_factory=list)  # nodes entered, root excluded; the last may be partial
+
+    def checkpoints(self, max_depth: int) -> Iterator[tuple[int, Any]]:
+        """(depth, value) of checkpoints on the matched path at depth <= max_depth, deepest first."""
+        limit = min(max_depth, self.length)
+        for node in reversed(self.path):
+            if node.start >= limit:
+                continue
+            for depth in sorted(node.checkpoints, reverse=True):
+                if depth <= limit:
+                    yield depth, node.checkpoints[depth]
+
+    def node_at(self, depth: int) -> Node | None:
+        """The path node covering `depth` (0 < depth <= length)."""
+        for node in self.path:
+            if node.start < depth <= node.depth:
+                return node
+        return None
+
+    def branch_depth(self, node: Node) -> int:
+        """How many tokens a sequence stored under `node` shares with the matched sequence."""
+        on_path = set(map(id, self.path))
+        while node is not None and id(node) not in on_path:
+            node = node.parent
+        if node is None:
+            return 0
+        return min(node.depth, self.length)
+
+
+class TokenTrie:
+    def __init__(self) -> None:
+        self.root = Node(None, [], 0)
+
+    # ------------------------------------------------------------- lookup
+
+    def match(self, tokens: list[int]) -> Match:
+        node, pos, path = self.root, 0, []
+        while pos < len(tokens):
+            child = node.children.get(tokens[pos])
+            if child is None:
+                break
+            path.append(child)
+            end = common_prefix_length(child.edge, tokens[pos : pos + len(child.edge)])
+            pos += end
+            if end < len(child.edge):
+                break
+            node = child
+        return Match(pos, path)
+
+    # ------------------------------------------------------------- insertion
+
+    def insert(self, tokens: list[int]) -> Node:
+        """Make the path for `tokens` exist; return the node ending exactly at len(tokens)."""
+        node, pos = self.root, 0
+        while pos < len(tokens):
+            child = node.children.get(tokens[pos])
+            if child is None:
+                leaf = Node(node, list(tokens[pos:]), len(tokens))
+                node.children[tokens[pos]] = leaf
+                return leaf
+            end = common_prefix_length(child.edge, tokens[pos : pos + len(child.edge)])
+            if end < len(child.edge):
+                child = self._split(child, child.start + end)
+            pos += end
+            node = child
+        return node
+
+    def _split(self, node: Node, depth: int) -> Node:
+        """Split `node` so that a new node ends at `depth`; return that upper node."""
+        cut = depth - node.start
+        upper = Node(node.parent, node.edge[:cut], depth)
+        node.parent.children[upper.edge[0]] = upper
+        node.edge = node.edge[cut:]
+        node.parent = upper
+        upper.children[node.edge[0]] = node
+        for d in [d for d in node.checkpoints if d <= depth]:
+            upper.checkpoints[d] = node.checkpoints.pop(d)
+        return upper
+
+    def attach_entry(self, tokens: list[int], key: Any) -> Node:
+        node = self.insert(tokens)
+        node.entries.add(key)
+        return node
+
+    def add_checkpoint(self, tokens: list[int], depth: int, value: Any) -> Node:
+        """Attach a checkpoint at `depth` on the path of `tokens` (which must exist up to depth)."""
+        node = self.insert(tokens[:depth])
+        node.checkpoints[depth] = value
+        return node
+
+    # ------------------------------------------------------------- removal
+
+    def detach_entry(self, node: Node, key: Any) -> list[Any]:
+        """Remove an entry; prune nodes no entry needs any more. Returns the dropped checkpoint values."""
+        node.entries.discard(key)
+        return self.prune(node)
+
+    def prune(self, node: Node) -> list[Any]:
+        dropped: list[Any] = []
+        while node is not self.root and not node.entries and not node.children:
+            dropped.extend(node.checkpoints.values())
+            parent = node.parent
+            del parent.children[node.edge[0]]
+            node.parent = None
+            node = parent
+        return dropped
+
+    def remove_checkpoint(self, node: Node, depth: int) -> Any:
+        return node.checkpoints.pop(depth)
+
+    # ------------------------------------------------------------- queries
+
+    def entries_under(self, node: Node) -> Iterator[tuple[Node, Any]]:
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            for key in n.entries:
+                yield n, key
+            stack.extend(n.children.values())
+
+    def entry_count_under(self, node: Node) -> int:
+        return sum(1 for _ in self.entries_under(node))
+
+    def nodes(self) -> Iterator[Node]:
+        stack = list(self.root.children.values())
+        while stack:
+            n = stack.pop()
+            yield n
+            stack.extend(n.children.values())
+
+    def path_to(self, node: Node) -> list[Node]:
+        path = []
+        while node is not None and node is not self.root:
+            path.append(node)
+            node = node.parent
+        return path[::-1]
