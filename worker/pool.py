@@ -75,6 +75,7 @@ class RestorePlan:
     source: Sequence | None = None
     in_place: bool = False  # take over `source` (its tail beyond the prompt is only generated output)
     checkpoint: Checkpoint | None = None
+    match: Match | None = None  # valid until the pool changes: check a plan out at once
     match_length: int = 0  # tokens shared with the deepest stored path
     checkpoints_to_take: dict[int, RestoreKind] = field(default_factory=dict)
 
@@ -147,7 +148,7 @@ class CheckpointPool:
 
     def plan(self, prompt: list[int], hints: Iterable[int] = ()) -> RestorePlan:
         match = self.trie.match(prompt)
-        plan = RestorePlan(prompt, match_length=match.length)
+        plan = RestorePlan(prompt, match=match, match_length=match.length)
         self._choose_restore_point(plan, match)
         if plan.restore_point > 0:
             self._choose_source(plan, match)
@@ -214,8 +215,10 @@ class CheckpointPool:
         if not plan.in_place:
             return Lease(self.ops.fork(source.cache, p, snap), None, plan)
         # Take the sequence over: its tail beyond p goes now, the rest is re-attached at commit.
+        # Nothing here is proportional to the stored length: KV is trimmed by its offset.
         cache = self.ops.restore(source.cache, p, snap)
-        self._move(source, source.tokens[:p])
+        del source.tokens[p:]
+        self._move_to(source, self.trie.node_ending_at(plan.match, p))
         return Lease(cache, source, plan)
 
     def commit(self, lease: Lease, tokens: list[int], prompt_end: int, taken: list[TakenCheckpoint]) -> None:
@@ -232,6 +235,7 @@ class CheckpointPool:
             if t.position <= len(tokens):
                 self._add_checkpoint(seq.tokens, Checkpoint(t.position, t.kind, t.snapshot, t.logits, t.logits_nbytes, tick))
         self._thin_lattice(seq.tokens)
+        self._drop_superseded(seq.tokens, prompt_end)
         self.evict_to(self.capacity_bytes)
 
     def discard(self, lease: Lease) -> None:
@@ -259,6 +263,22 @@ class CheckpointPool:
             for depth, ckpt in list(node.checkpoints.items()):
                 if ckpt.kind is RestoreKind.LATTICE and depth % stride:
                     self._forget_checkpoint(node, depth)
+
+    def _drop_superseded(self, tokens: list[int], prompt_end: int) -> None:
+        """Once a prompt has gone past them, generation ends and stored logits serve no one.
+
+        A later prompt that branches there restores from the message-boundary
+        hint the proxy sends for that spot, a few tokens further on.
+        """
+        for node in self.trie.path_to(self.trie.insert(tokens[:prompt_end])):
+            for depth, ckpt in list(node.checkpoints.items()):
+                if depth >= prompt_end:
+                    continue
+                if ckpt.kind is RestoreKind.GENERATION_END:
+                    self._forget_checkpoint(node, depth)
+                elif ckpt.logits is not None:
+                    self._checkpoint_bytes -= ckpt.logits_nbytes
+                    ckpt.logits, ckpt.logits_nbytes = None, 0
 
     # ------------------------------------------------------------- eviction
 
@@ -300,11 +320,15 @@ class CheckpointPool:
         seq.cache = None
 
     def _move(self, seq: Sequence, tokens: list[int]) -> None:
-        """Re-attach `seq` at the end of `tokens`, attaching first so the shared path survives pruning."""
-        old = seq.node
         seq.tokens = tokens
-        seq.node = self.trie.attach_entry(tokens, seq.key)
-        if old is not None and old is not seq.node:
+        self._move_to(seq, self.trie.insert(tokens))
+
+    def _move_to(self, seq: Sequence, node: Node) -> None:
+        """Re-attach `seq` at `node`, attaching first so the shared path survives pruning."""
+        old = seq.node
+        node.entries.add(seq.key)
+        seq.node = node
+        if old is not None and old is not node:
             self._release(self.trie.detach_entry(old, seq.key))
 
     def _release(self, dropped: list[Checkpoint]) -> None:

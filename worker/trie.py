@@ -130,6 +130,13 @@ class TokenTrie:
             upper.checkpoints[d] = node.checkpoints.pop(d)
         return upper
 
+    def node_ending_at(self, match: Match, depth: int) -> Node:
+        """The node ending exactly at `depth` on a (still current) match's path, splitting if needed."""
+        if depth == 0:
+            return self.root
+        node = match.node_at(depth)
+        return node if node.depth == depth else self._split(node, depth)
+
     def attach_entry(self, tokens: list[int], key: Any) -> Node:
         node = self.insert(tokens)
         node.entries.add(key)

@@ -1,0 +1,187 @@
+"""The pool's lookup, takeover/fork choice and eviction, over fake caches (no MLX)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from protocol.messages import RestoreKind
+from tests.unit.fake_cache_ops import BYTES_PER_TOKEN, SNAPSHOT_BYTES, FakeOps
+from worker.pool import CheckpointPool, TakenCheckpoint
+
+
+def run(pool, prompt, generated=(), hints=(), logits="L"):
+    """Play one request against the pool the way the engine does; returns the plan."""
+    plan = pool.plan(prompt, hints)
+    lease = pool.checkout(plan)
+    assert len(lease.cache) == plan.restore_point
+    taken = []
+    for pos in range(plan.restore_point + 1, len(prompt) + 1):
+        lease.cache.append(prompt[pos - 1])
+        kind = plan.checkpoints_to_take.get(pos)
+        if kind is not None:
+            snap = pool.ops.snapshot(lease.cache, pos) if pool.ops.needs_snapshots else None
+            taken.append(TakenCheckpoint(pos, kind, snap, logits if pos == len(prompt) else None, 4 if pos == len(prompt) else 0))
+    lease.cache.extend(generated)
+    tokens = list(prompt) + list(generated)
+    if generated and pool.ops.needs_snapshots:
+        taken.append(TakenCheckpoint(len(tokens), RestoreKind.GENERATION_END, pool.ops.snapshot(lease.cache, len(tokens))))
+    pool.commit(lease, tokens, len(prompt), taken)
+    return plan
+
+
+def make_pool(needs_snapshots=True, capacity=10**9, interval=8, max_lattice=4):
+    return CheckpointPool(FakeOps(needs_snapshots), capacity, interval, max_lattice)
+
+
+SYSTEM = list(range(100, 140))  # 40 tokens
+
+
+def test_empty_pool_plans_a_cold_start_with_checkpoints_on_the_way():
+    pool = make_pool()
+    plan = pool.plan(SYSTEM, hints=[10])
+    assert plan.restore_point == 0 and plan.kind is RestoreKind.NONE and plan.source is None
+    assert plan.checkpoints_to_take[10] is RestoreKind.HINT
+    assert plan.checkpoints_to_take[40] is RestoreKind.PROMPT_END
+    assert {16, 32} <= set(plan.checkpoints_to_take)  # 40 tokens, at most 4 points: stride 16
+
+
+def test_a_continued_conversation_is_taken_over_in_place_at_the_generation_end():
+    pool = make_pool()
+    run(pool, SYSTEM, generated=[1, 2, 3])
+    turn2 = SYSTEM + [1, 2, 3, 7, 7, 7]
+    plan = run(pool, turn2, generated=[4])
+    assert plan.in_place and plan.restore_point == 43 and plan.kind is RestoreKind.GENERATION_END
+    assert pool.ops.forks == 0 and len(pool.sequences) == 1
+
+
+def test_checkpoints_a_prompt_went_past_lose_what_no_one_will_use():
+    pool = make_pool()
+    run(pool, SYSTEM, generated=[1, 2, 3])
+    run(pool, SYSTEM + [1, 2, 3, 7, 7], generated=[4])
+    kinds = {d: c for n in pool.trie.nodes() for d, c in n.checkpoints.items()}
+    assert 43 not in kinds  # turn 1's generation end: superseded by turn 2's prompt
+    assert kinds[40].kind is RestoreKind.PROMPT_END and kinds[40].logits is None
+    assert kinds[45].logits == "L"  # the newest prompt end keeps its logits
+    assert kinds[46].kind is RestoreKind.GENERATION_END
+
+
+def test_a_template_that_rewrites_the_reply_still_restores_at_the_prompt_end():
+    pool = make_pool()
+    run(pool, SYSTEM, generated=[1, 2, 3])
+    plan = pool.plan(SYSTEM + [9, 9, 9, 7])  # the reply re-rendered differently
+    assert plan.restore_point == 40 and plan.kind is RestoreKind.PROMPT_END and plan.in_place
+
+
+def test_a_prompt_leaving_a_stored_prompt_forks_and_keeps_the_original():
+    pool = make_pool()
+    doc = SYSTEM + list(range(200, 230))
+    run(pool, doc + [1, 1, 1], generated=[5])
+    plan = run(pool, doc + [2, 2, 2], generated=[6])
+    assert not plan.in_place and pool.ops.forks == 1
+    assert plan.restore_point == 64 and plan.kind is RestoreKind.LATTICE  # within one interval of 70
+    assert plan.checkpoints_to_take[70] is RestoreKind.FORK
+    third = pool.plan(doc + [3, 3, 3])
+    assert third.restore_point == 70 and third.kind is RestoreKind.FORK
+    # The first conversation is still whole.
+    assert pool.plan(doc + [1, 1, 1, 5, 8]).restore_point == 74
+
+
+def test_a_kv_only_model_trims_to_the_common_prefix_without_checkpoints():
+    pool = make_pool(needs_snapshots=False)
+    run(pool, SYSTEM + [1, 2, 3])
+    plan = pool.plan(SYSTEM + [1, 9])
+    assert plan.restore_point == 41 and plan.kind is RestoreKind.TRIM
+    assert set(plan.checkpoints_to_take) == {42}  # only the prompt end, for its logits
+
+
+def test_an_exact_repeat_restores_everything_from_stored_logits():
+    for needs in (True, False):
+        pool = make_pool(needs_snapshots=needs)
+        run(pool, SYSTEM, generated=[1, 2])
+        plan = pool.plan(SYSTEM)
+        assert plan.restore_point == len(SYSTEM) and plan.logits == "L"
+        assert plan.checkpoints_to_take == {}
+
+
+def test_without_logits_one_prompt_token_is_left_to_compute():
+    pool = make_pool()
+    run(pool, SYSTEM, logits=None)
+    plan = pool.plan(SYSTEM)
+    assert plan.restore_point < len(SYSTEM)
+
+
+def test_agents_sharing_a_system_prompt_keep_their_own_histories():
+    pool = make_pool()
+    histories = {}
+    for agent in range(5):
+        histories[agent] = SYSTEM + [1000 + agent] * 5
+        run(pool, histories[agent], generated=[7], hints=[len(SYSTEM)])
+    for agent in range(5):
+        nxt = histories[agent] + [7, 2000 + agent]
+        plan = pool.plan(nxt)
+        assert plan.restore_point == len(histories[agent]) + 1, agent
+        assert plan.in_place
+
+
+def test_lattice_is_thinned_as_a_sequence_grows():
+    pool = make_pool(interval=8, max_lattice=4)
+    tokens = list(range(1, 33))
+    run(pool, tokens)
+    lattice = lambda: sorted(
+        d for n in pool.trie.nodes() for d, c in n.checkpoints.items() if c.kind is RestoreKind.LATTICE
+    )
+    assert lattice() == [8, 16, 24]
+    run(pool, tokens + list(range(33, 129)))
+    assert len(lattice()) <= 4
+    assert all(d % pool.lattice_stride(128) == 0 for d in lattice())
+
+
+def test_eviction_is_lru_and_a_hit_refreshes():
+    pool = make_pool()
+    a, b = [1] * 20, [2] * 20
+    run(pool, a)
+    run(pool, b)
+    pool.plan(a)  # a plan alone is no hit
+    run(pool, a + [3])  # a hit on a refreshes it
+    pool.evict_to(30 * BYTES_PER_TOKEN)
+    assert pool.plan(a + [3, 4]).restore_point > 0
+    assert pool.plan(b + [4]).restore_point == 0
+
+
+def test_checkpoints_go_before_sequences_and_shared_prefixes_last():
+    pool = make_pool(interval=1000)
+    run(pool, SYSTEM + [1], hints=[40])
+    run(pool, SYSTEM + [2], hints=[40])
+    shared = pool.trie.match(SYSTEM).node_at(40).checkpoints[40]
+    total = pool.nbytes
+    pool.evict_to(total - SNAPSHOT_BYTES)
+    assert len(pool.sequences) == 2  # a snapshot went first
+    assert 40 in pool.trie.match(SYSTEM).node_at(40).checkpoints  # and not the shared one
+    assert shared.kind is RestoreKind.HINT
+
+
+def test_pool_stays_within_capacity():
+    pool = make_pool(capacity=200 * BYTES_PER_TOKEN)
+    for i in range(30):
+        run(pool, [i] * 50, generated=[1])
+        assert pool.nbytes <= pool.capacity_bytes
+    assert pool.evictions > 0
+
+
+def test_byte_accounting_matches_a_recount():
+    pool = make_pool()
+    for i in range(6):
+        run(pool, SYSTEM + [i] * (i + 3), generated=[9, 9], hints=[40])
+    pool.evict_to(pool.nbytes // 2)
+    recount = sum(s.nbytes for s in pool.sequences.values()) + sum(
+        c.nbytes for n in pool.trie.nodes() for c in n.checkpoints.values()
+    )
+    assert pool.nbytes == recount
+    assert pool.stats().checkpoints == sum(len(n.checkpoints) for n in pool.trie.nodes())
+
+
+def test_the_lookup_structure_and_the_pool_import_no_mlx():
+    code = "import sys, worker.pool, worker.trie; print([m for m in sys.modules if m.startswith('mlx')])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
