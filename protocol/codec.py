@@ -27,7 +27,7 @@ _BY_KIND: dict[str, type[Message]] = {cls.KIND: cls for cls in MESSAGE_TYPES}
 
 
 def encode(message: Message) -> bytes:
-    if type(message).KIND not in _BY_KIND:
+    if _BY_KIND.get(getattr(type(message), "KIND", None)) is not type(message):
         raise ProtocolError(f"not a protocol message: {type(message).__name__}")
     frame = {"v": PROTOCOL_VERSION, "kind": message.KIND, "body": _to_plain(message)}
     return msgpack.packb(frame, use_bin_type=True)

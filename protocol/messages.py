@@ -258,7 +258,7 @@ class Evict(Message):
 
 @dataclass(frozen=True)
 class Shutdown(Message):
-    """Finish the running request (if any) and exit."""
+    """Abort the running and queued requests (each still gets its Result) and exit."""
 
     KIND: ClassVar[str] = "shutdown"
 

@@ -36,11 +36,16 @@ from protocol.messages import (
 )
 from worker.cache_adapters import ModelCacheOps, UnsupportedCache, kind_name, measure_layout
 from worker.memory import memory_stats
+from worker.memory_guard import InsufficientMemory, default_memory_limit, estimate_need
 from worker.pool import CheckpointPool, Lease, RestorePlan, TakenCheckpoint
 
 log = logging.getLogger("mlx_cache_proxy.worker")
 
 DEFAULT_CONTEXT_LIMIT = 32768
+
+
+class ContextLengthExceeded(ValueError):
+    """The prompt leaves no room for a token within the context limit."""
 
 
 @dataclass
@@ -51,6 +56,8 @@ class EngineConfig:
     prefill_step: int = 512
     cache_enabled: bool = True
     max_lattice_points: int = 16
+    memory_limit: int = 0  # bytes MLX may use in all; 0: the device's recommended working set
+    max_kv_size: int = 0  # cap on prompt + generated tokens; 0: the model's context limit
 
 
 @dataclass
@@ -74,6 +81,10 @@ class Engine:
                 self.ops, config.cache_bytes, config.checkpoint_interval, config.max_lattice_points
             )
         self.layout = self._layout(uncached_reason)
+        self.memory_limit = config.memory_limit or default_memory_limit(memory_stats(0))
+        if config.max_kv_size:
+            self.context_limit = min(self.context_limit, config.max_kv_size)
+        self.activation_bytes = self._measure_activations()
 
     # ------------------------------------------------------------- public
 
@@ -81,7 +92,7 @@ class Engine:
         started = time.perf_counter()
         prompt = list(request.prompt_tokens)
         self._validate(prompt, request.sampling)
-        lease = self._checkout(prompt, request.checkpoint_hints)
+        lease = self._checkout(prompt, request.checkpoint_hints, request.sampling.max_tokens)
         plan = lease.plan
         restored = time.perf_counter()
         taken: list[TakenCheckpoint] = []
@@ -142,14 +153,46 @@ class Engine:
         if bad is not None:
             raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
         if len(prompt) >= self.context_limit:
-            raise ValueError(f"the prompt has {len(prompt)} tokens; the context limit is {self.context_limit}")
+            raise ContextLengthExceeded(
+                f"the prompt has {len(prompt)} tokens, which leaves no room to generate "
+                f"within the context limit of {self.context_limit} tokens"
+            )
         if sampling.max_tokens < 0:
             raise ValueError("max_tokens must be >= 0")
 
-    def _checkout(self, prompt: list[int], hints: list[int]) -> Lease:
+    def _checkout(self, prompt: list[int], hints: list[int], max_tokens: int) -> Lease:
         if self.pool is None:
+            self._guard_memory(RestorePlan(prompt), max_tokens)
             return Lease(self.model.make_cache(), None, RestorePlan(prompt))
-        return self.pool.checkout(self.pool.plan(prompt, hints))
+        plan = self.pool.plan(prompt, hints)
+        if not self._fits(plan, max_tokens):
+            # Give back pool memory, oldest first, then plan again on what is left.
+            excess = mx.get_active_memory() + self._need(plan, max_tokens) - self.memory_limit
+            self.pool.evict_to(max(0, self.pool.nbytes - excess))
+            mx.clear_cache()
+            plan = self.pool.plan(prompt, hints)
+            self._guard_memory(plan, max_tokens)
+        return self.pool.checkout(plan)
+
+    def _need(self, plan: RestorePlan, max_tokens: int) -> int:
+        copied = plan.restore_point if plan.source is not None and not plan.in_place else 0
+        need = estimate_need(
+            self.layout,
+            tokens_to_compute=len(plan.prompt) - plan.restore_point,
+            max_tokens=max_tokens,
+            copied_prefix_tokens=copied,
+            checkpoints=len(plan.checkpoints_to_take),
+            activation_bytes=self.activation_bytes,
+        )
+        return need.total
+
+    def _fits(self, plan: RestorePlan, max_tokens: int) -> bool:
+        return mx.get_active_memory() + self._need(plan, max_tokens) <= self.memory_limit
+
+    def _guard_memory(self, plan: RestorePlan, max_tokens: int) -> None:
+        if not self._fits(plan, max_tokens):
+            active = mx.get_active_memory()
+            raise InsufficientMemory(self._need(plan, max_tokens), self.memory_limit - active, self.memory_limit)
 
     def _prefill(self, cache, prompt, plan: RestorePlan, taken, request, emit, should_abort) -> _Prefill:
         start = time.perf_counter()
@@ -158,6 +201,8 @@ class Engine:
         logits = None
         while pos < n:
             end = min(n, pos + self.config.prefill_step, *[p for p in stops if p > pos][:1])
+            if end == n and end - pos > 1:
+                end = n - 1  # the last token alone: logits (vocab-wide) for one position, not a chunk
             out = self.model(mx.array(prompt[pos:end])[None], cache=cache)
             if end == n:
                 logits = out[0, -1].astype(mx.float32)
@@ -236,6 +281,19 @@ class Engine:
             restore_kind=plan.kind,
             pool=self.pool_stats(),
         )
+
+    def _measure_activations(self) -> int:
+        """Peak memory of one full prefill chunk, measured once at start-up."""
+        cache = self.model.make_cache()
+        mx.eval([c.state for c in cache])
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        self.model(mx.zeros((1, self.config.prefill_step), dtype=mx.int32), cache=cache)
+        mx.eval([c.state for c in cache])
+        peak = mx.get_peak_memory() - before
+        del cache
+        mx.clear_cache()
+        return max(0, peak)
 
     def _layout(self, uncached_reason: str) -> CacheLayout:
         cache = self.model.make_cache()

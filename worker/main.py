@@ -1,0 +1,301 @@
+"""`mlx-cache-proxy worker`: one MLX worker process.
+
+Two threads. The main thread owns the model: it loads the engine, then takes
+commands from `inbox` one at a time (Generate, Evict, Shutdown) and runs them.
+The IO thread (`worker.io_loop`) owns the ZeroMQ socket and everything that is
+answered without the model. Signal handlers and the dead-parent check only
+set a `StopFlag`; the main loop sees it, aborts the running request, sends
+nothing more, closes the socket and exits 0.
+
+Requests run in arrival order; one that arrives while another runs waits in
+`inbox` (the proxy serializes requests anyway). An Abort of a queued request is
+answered at once by the IO thread with a Result(finish_reason=abort,
+generated_tokens=0) whose facts carry the prompt length and zeros. Shutdown
+aborts the running request and every queued one (each still gets its Result),
+then the worker exits once those have been sent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import re
+import signal
+import sys
+import time
+from typing import Optional
+
+from protocol.messages import (
+    PROTOCOL_VERSION,
+    CacheLayout,
+    Error,
+    ErrorCode,
+    Evict,
+    Generate,
+    Hello,
+    Message,
+    Result,
+    Shutdown,
+    Stats,
+)
+from worker.io_loop import SHUTDOWN_LINGER_MS, Close, IOLoop, Outbox, Ready, RequestBook, StopFlag
+from worker.engine import ContextLengthExceeded
+from worker.memory import apply_memory_limit, memory_stats
+
+log = logging.getLogger("mlx_cache_proxy.worker")
+
+# How often the idle main loop looks at the stop flag.
+STOP_POLL_S = 0.1
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str) -> int:
+    """'8G' -> 8 GiB; suffixes K, M, G, T are powers of 1024 (an optional B or iB is allowed)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512M or 8G)")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    return int(number * 1024 ** " kmgt".index(unit or " "))
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+    return value
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="mlx-cache-proxy worker",
+        description="Run one MLX worker: serve a model over a ZeroMQ ROUTER socket.",
+    )
+    parser.add_argument("--model", required=True, help="mlx-lm model directory or Hugging Face repo")
+    parser.add_argument("--endpoint", required=True, help="ZeroMQ endpoint to bind: ipc://PATH or tcp://HOST:PORT")
+    parser.add_argument("--model-id", default=None, help="the model name the proxy serves (default: from --model)")
+    parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
+    parser.add_argument("--cache-bytes", type=parse_bytes, default=None, help="checkpoint pool size, e.g. 512M or 8G")
+    parser.add_argument("--checkpoint-interval", type=_positive_int, default=None)
+    parser.add_argument("--no-cache", action="store_true", help="disable prefix caching")
+    parser.add_argument("--prefill-step", type=_positive_int, default=None)
+    parser.add_argument(
+        "--memory-limit",
+        type=parse_bytes,
+        default=None,
+        help="memory budget for MLX, e.g. 48G (default: the device's recommended working set, "
+        "else 90%% of physical memory); requests that would exceed it evict the pool, then are refused",
+    )
+    parser.add_argument(
+        "--max-kv-size", type=_positive_int, default=None, help="cap on prompt + generated tokens (default: the model's)"
+    )
+    parser.add_argument("--heartbeat-interval", type=_positive_float, default=2.0, metavar="SECONDS")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser.parse_args(argv)
+
+
+def engine_config(args: argparse.Namespace):
+    from worker.engine import EngineConfig
+
+    names = ("cache_bytes", "checkpoint_interval", "prefill_step", "memory_limit", "max_kv_size")
+    given = {name: getattr(args, name) for name in names}
+    return EngineConfig(cache_enabled=not args.no_cache, **{k: v for k, v in given.items() if v is not None})
+
+
+def install_signal_handlers(stop: StopFlag) -> None:
+    def ask_to_stop(signum, _frame) -> None:
+        stop.request(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, ask_to_stop)
+    signal.signal(signal.SIGINT, ask_to_stop)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    stop = StopFlag()
+    install_signal_handlers(stop)
+
+    inbox: queue.Queue[Message] = queue.Queue()
+    outbox = Outbox()
+    book = RequestBook()
+    # The IO thread starts before the (slow) load, so a proxy can connect early; it gets Hello once we are ready.
+    io = IOLoop(args.endpoint, inbox, outbox, book, stop, args.heartbeat_interval, args.parent_pid)
+    io.start()
+    io.bound.wait()
+    if io.bind_error is not None:
+        log.error("cannot bind %s: %s", args.endpoint, io.bind_error)
+        return 1
+    try:
+        return _run(args, io, inbox, outbox, book, stop)
+    finally:
+        outbox.put(Close(0))  # a backstop: the IO loop ends at the first Close it reads
+        io.join(timeout=5.0)
+        if not io.is_alive():
+            outbox.close()
+
+
+def _run(args, io: IOLoop, inbox, outbox: Outbox, book: RequestBook, stop: StopFlag) -> int:
+    from worker.engine import load_engine
+
+    try:
+        engine = load_engine(args.model, engine_config(args), model_id=args.model_id)
+    except Exception as exc:
+        log.exception("failed to load %s", args.model)
+        outbox.put(Error(ErrorCode.INTERNAL, f"failed to load model {args.model}: {exc}"))
+        outbox.put(Close(SHUTDOWN_LINGER_MS))
+        return 1
+    apply_memory_limit(engine.memory_limit)
+    io.pool_stats = engine.pool_stats()
+    outbox.put(Ready(_hello(engine, args)))
+    _log_start(engine, args, io.pool_stats.capacity_bytes)
+
+    reason = ModelLoop(engine, inbox, outbox, book, stop, io).run()
+    log.info("stopping: %s", reason)
+    # After Shutdown the last Results must still leave; after a stop nothing more is sent.
+    outbox.put(Close(SHUTDOWN_LINGER_MS if reason == "shutdown" else 0))
+    return 1 if io.failed else 0
+
+
+def _hello(engine, args) -> Hello:
+    return Hello(
+        protocol_version=PROTOCOL_VERSION,
+        model_id=engine.model_id,
+        context_limit=engine.context_limit,
+        vocab_size=engine.vocab_size,
+        layout=engine.layout,
+        memory=memory_stats(0),
+        cache_enabled=not args.no_cache,
+        pool_capacity_bytes=engine.pool_stats().capacity_bytes,
+        pid=os.getpid(),
+    )
+
+
+def _log_start(engine, args, capacity: int) -> None:
+    log.info(
+        "serving %s (%s) on %s; layout: %s; pool capacity %.1f MiB%s",
+        engine.model_id,
+        args.model,
+        args.endpoint,
+        _layout_summary(engine.layout),
+        capacity / 2**20,
+        "" if not args.no_cache else " (cache disabled)",
+    )
+
+
+def _layout_summary(layout: CacheLayout) -> str:
+    counts: dict[str, int] = {}
+    for kind in layout.layer_kinds:
+        counts[kind] = counts.get(kind, 0) + 1
+    kinds = ", ".join(f"{n} {kind}" for kind, n in counts.items())
+    text = f"{len(layout.layer_kinds)} layers ({kinds}), KV {layout.kv_bytes_per_token} B/token, snapshot {layout.snapshot_bytes} B"
+    return text if layout.cacheable else f"{text}, uncached: {layout.uncached_reason}"
+
+
+class ModelLoop:
+    """The main thread's loop: one command at a time, on the thread that owns the model."""
+
+    def __init__(self, engine, inbox, outbox: Outbox, book: RequestBook, stop: StopFlag, io: IOLoop):
+        self.engine = engine
+        self.inbox = inbox
+        self.outbox = outbox
+        self.book = book
+        self.stop = stop
+        self.io = io
+
+    def run(self) -> str:
+        """Serve until Shutdown or a stop request; returns why it ended."""
+        while not self.stop.requested:
+            try:
+                command = self.inbox.get(timeout=STOP_POLL_S)
+            except queue.Empty:
+                continue
+            if isinstance(command, Generate):
+                self._generate(command)
+            elif isinstance(command, Evict):
+                self._evict(command)
+            elif isinstance(command, Shutdown):
+                return "shutdown"
+            else:
+                log.error("model loop got an unexpected %s", command.KIND)
+        return self.stop.reason
+
+    def _generate(self, request: Generate) -> None:
+        abort_event = self.book.start(request.request_id)
+        if abort_event is None:
+            return  # aborted while queued: the IO thread has answered it
+        rid = request.request_id
+        started = time.monotonic()
+        try:
+            result = self.engine.generate(
+                request,
+                emit=self.outbox.put,
+                should_abort=lambda: abort_event.is_set() or self.stop.requested,
+            )
+            self.outbox.put(result)
+            _log_result(result)
+        except ContextLengthExceeded as exc:
+            log.warning("request %s rejected: %s", rid, exc)
+            self.outbox.put(Error(ErrorCode.CONTEXT_LENGTH_EXCEEDED, str(exc), rid))
+        except ValueError as exc:
+            log.warning("request %s rejected: %s", rid, exc)
+            self.outbox.put(Error(ErrorCode.BAD_REQUEST, str(exc), rid))
+        except MemoryError as exc:
+            log.error("request %s ran out of memory: %s", rid, exc)
+            self.outbox.put(Error(ErrorCode.INSUFFICIENT_MEMORY, str(exc) or "out of memory", rid))
+        except Exception as exc:
+            log.exception("request %s failed after %.3fs", rid, time.monotonic() - started)
+            self.outbox.put(Error(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", rid))
+        finally:
+            self.book.finish()
+            self.io.pool_stats = self.engine.pool_stats()
+
+    def _evict(self, command: Evict) -> None:
+        try:
+            self.engine.evict_to(command.target_bytes)
+        except Exception as exc:
+            log.exception("evict_to(%d) failed", command.target_bytes)
+            self.outbox.put(Error(ErrorCode.INTERNAL, f"evict failed: {type(exc).__name__}: {exc}"))
+        pool = self.engine.pool_stats()
+        self.io.pool_stats = pool
+        log.info("evicted to %d bytes: pool holds %d", command.target_bytes, pool.bytes)
+        # The proxy learns the new pool size without waiting for the next heartbeat.
+        self.outbox.put(Stats(memory=memory_stats(pool.bytes), pool=pool, running_request=None))
+
+
+def _log_result(result: Result) -> None:
+    f, t = result.facts, result.timings
+    log.info(
+        "request %s: %s; prompt %d, cached %d, recomputed %d, generated %d; restored to %d (%s); "
+        "restore %.3fs, prefill %.3fs, ttft %.3fs, decode %.3fs, total %.3fs",
+        result.request_id,
+        result.finish_reason.value,
+        f.prompt_tokens,
+        f.cached_tokens,
+        f.recomputed_tokens,
+        result.generated_tokens,
+        f.restore_point,
+        f.restore_kind.value,
+        t.restore_s,
+        t.prefill_s,
+        t.ttft_s,
+        t.decode_s,
+        t.total_s,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

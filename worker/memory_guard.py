@@ -1,0 +1,57 @@
+"""The worker's out-of-memory guard: estimate what a request needs before it runs.
+
+On a Mac an MLX process that runs out of unified memory is killed outright, so a
+request that cannot fit is refused with a typed error instead, after the pool
+has given back what it can.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from protocol.messages import CacheLayout, MemoryStats
+
+
+class InsufficientMemory(MemoryError):
+    """The request cannot fit in the memory budget even with the pool emptied."""
+
+    def __init__(self, needed: int, available: int, limit: int):
+        self.needed, self.available, self.limit = needed, available, limit
+        super().__init__(
+            f"this request needs about {_mib(needed)} MiB but only {_mib(available)} MiB of the "
+            f"{_mib(limit)} MiB memory budget is free; send a shorter prompt or fewer max_tokens"
+        )
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    kv_bytes: int  # full-attention KV the request adds (and a forked prefix copy)
+    snapshot_bytes: int  # checkpoints it will take
+    activation_bytes: int  # the peak of one prefill chunk
+
+    @property
+    def total(self) -> int:
+        return self.kv_bytes + self.snapshot_bytes + self.activation_bytes
+
+
+def estimate_need(
+    layout: CacheLayout,
+    tokens_to_compute: int,
+    max_tokens: int,
+    copied_prefix_tokens: int,
+    checkpoints: int,
+    activation_bytes: int,
+) -> MemoryNeed:
+    kv = (tokens_to_compute + max_tokens + copied_prefix_tokens) * layout.kv_bytes_per_token
+    return MemoryNeed(kv, (checkpoints + 1) * layout.snapshot_bytes, activation_bytes)
+
+
+def default_memory_limit(stats: MemoryStats) -> int:
+    """The device's recommended working set (Apple GPU), else 90% of physical memory."""
+    if stats.recommended_working_set > 0:
+        return stats.recommended_working_set
+    return int(stats.device_total * 0.9)
+
+
+def _mib(n: int) -> int:
+    return max(0, n) >> 20
