@@ -98,6 +98,21 @@ class PoolStats:
     sequences: int = 0
     checkpoints: int = 0
     evictions: int = 0
+    disk: DiskStats | None = None  # None when the disk tier is off
+
+
+@dataclass(frozen=True)
+class DiskStats:
+    """The disk tier's figures, cumulative since the worker started (bytes, entries now)."""
+
+    entries: int = 0
+    bytes: int = 0
+    capacity_bytes: int = 0
+    hits: int = 0
+    read_bytes: int = 0
+    written_bytes: int = 0
+    load_seconds: float = 0.0
+    corrupt: int = 0
 
 
 @dataclass(frozen=True)
@@ -110,6 +125,7 @@ class CacheFacts:
     restore_point: int  # token position the cache was restored to
     restore_kind: RestoreKind
     pool: PoolStats
+    restored_from_disk: bool = False
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,19 @@ class LayerAdapter:
         """(KV bytes one more token adds, bytes of a full snapshot) of a layer that has seen tokens."""
         raise NotImplementedError
 
+    # Plain-array forms, for the disk tier: (name -> array, JSON-able meta).
+    def export_kv(self, cache: Any, end: int) -> tuple[dict, dict]:
+        return {}, {}
+
+    def import_kv(self, arrays: dict, meta: dict, position: int) -> Any:
+        raise NotImplementedError
+
+    def export_snapshot(self, snap: Any) -> tuple[dict, dict]:
+        return {}, {}
+
+    def import_snapshot(self, arrays: dict, meta: dict) -> Any:
+        return None
+
 
 def _per_token(keys: Any, values: Any) -> int:
     """Bytes per token position of a (B, heads, positions, dim) buffer pair (or quantized tuples)."""
@@ -112,6 +125,37 @@ class KVAdapter(LayerAdapter):
     def layout_bytes(self, cache: Any) -> tuple[int, int]:
         return _per_token(cache.keys, cache.values), 0
 
+    def export_kv(self, cache: Any, end: int) -> tuple[dict, dict]:
+        meta = {"class": type(cache).__name__}
+        if isinstance(cache, mlc.QuantizedKVCache):
+            meta.update(group_size=cache.group_size, bits=cache.bits)
+        if cache.keys is None:
+            return {}, meta
+        keys, values = _slice_seq(cache.keys, end), _slice_seq(cache.values, end)
+        return {**_flat("k", keys), **_flat("v", values)}, meta
+
+    def import_kv(self, arrays: dict, meta: dict, position: int) -> Any:
+        cls = {c.__name__: c for c in (mlc.KVCache, mlc.QuantizedKVCache, mlc.ConcatenateKVCache)}[meta["class"]]
+        cache = cls(group_size=meta["group_size"], bits=meta["bits"]) if cls is mlc.QuantizedKVCache else cls()
+        if arrays:
+            cache.keys = _slice_seq(_unflat("k", arrays), position)
+            cache.values = _slice_seq(_unflat("v", arrays), position)
+        cache.offset = position
+        return cache
+
+
+def _flat(prefix: str, x: Any) -> dict:
+    if isinstance(x, (tuple, list)):
+        return {f"{prefix}.{i}": v for i, v in enumerate(x)}
+    return {prefix: x}
+
+
+def _unflat(prefix: str, arrays: dict) -> Any:
+    if prefix in arrays:
+        return arrays[prefix]
+    parts = sorted((int(k.rsplit(".", 1)[1]), v) for k, v in arrays.items() if k.startswith(prefix + "."))
+    return tuple(v for _, v in parts)
+
 
 def _slice_seq(x: Any, position: int) -> Any:
     if isinstance(x, (tuple, list)):
@@ -126,7 +170,19 @@ class _WindowState:
     meta: tuple
 
 
-class RotatingAdapter(LayerAdapter):
+class _WindowAdapter(LayerAdapter):
+    def snapshot_nbytes(self, snap: _WindowState) -> int:
+        return _nbytes((snap.keys, snap.values))
+
+    def export_snapshot(self, snap: _WindowState) -> tuple[dict, dict]:
+        arrays = {} if snap.keys is None else {"k": snap.keys, "v": snap.values}
+        return arrays, {"meta": list(snap.meta)}
+
+    def import_snapshot(self, arrays: dict, meta: dict) -> _WindowState:
+        return _WindowState(arrays.get("k"), arrays.get("v"), tuple(meta["meta"]))
+
+
+class RotatingAdapter(_WindowAdapter):
     """RotatingKVCache (sliding window): the window is gone once passed, so snapshot it."""
 
     def snapshot(self, cache: Any) -> _WindowState:
@@ -140,14 +196,11 @@ class RotatingAdapter(LayerAdapter):
         new.keys, new.values, new.offset, new._idx = _own(snap.keys), _own(snap.values), offset, idx
         return new
 
-    def snapshot_nbytes(self, snap: _WindowState) -> int:
-        return _nbytes((snap.keys, snap.values))
-
     def layout_bytes(self, cache: Any) -> tuple[int, int]:
         return 0, _per_token(cache.keys, cache.values) * cache.max_size
 
 
-class ChunkedAdapter(LayerAdapter):
+class ChunkedAdapter(_WindowAdapter):
     """ChunkedKVCache (chunked attention): the front is dropped, so snapshot it."""
 
     def snapshot(self, cache: Any) -> _WindowState:
@@ -160,9 +213,6 @@ class ChunkedAdapter(LayerAdapter):
         new = mlc.ChunkedKVCache(chunk_size)
         new.keys, new.values, new.offset, new.start_position = _own(snap.keys), _own(snap.values), offset, start
         return new
-
-    def snapshot_nbytes(self, snap: _WindowState) -> int:
-        return _nbytes((snap.keys, snap.values))
 
     def layout_bytes(self, cache: Any) -> tuple[int, int]:
         return 0, _per_token(cache.keys, cache.values) * cache.chunk_size
@@ -189,6 +239,12 @@ class ArraysAdapter(LayerAdapter):
 
     def layout_bytes(self, cache: Any) -> tuple[int, int]:
         return 0, _nbytes(cache.cache)
+
+    def export_snapshot(self, snap: list) -> tuple[dict, dict]:
+        return {str(i): a for i, a in enumerate(snap) if a is not None}, {"size": len(snap)}
+
+    def import_snapshot(self, arrays: dict, meta: dict) -> list:
+        return [arrays.get(str(i)) for i in range(meta["size"])]
 
 
 class CacheListAdapter(LayerAdapter):
@@ -219,6 +275,47 @@ class CacheListAdapter(LayerAdapter):
     def layout_bytes(self, cache: Any) -> tuple[int, int]:
         pairs = [a.layout_bytes(c) for a, c in zip(self.children, cache.caches)]
         return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+
+    def export_kv(self, cache: Any, end: int) -> tuple[dict, dict]:
+        return _export_children([a.export_kv(c, end) for a, c in zip(self.children, cache.caches)])
+
+    def import_kv(self, arrays: dict, meta: dict, position: int) -> Any:
+        parts = _import_children(arrays, meta, len(self.children))
+        # Only called when every child rewinds; otherwise the model path goes through restore().
+        return mlc.CacheList(*(a.import_kv(arr, m, position) for a, (arr, m) in zip(self.children, parts)))
+
+    def export_snapshot(self, snap: list) -> tuple[dict, dict]:
+        return _export_children([a.export_snapshot(s) if s is not None else ({}, {}) for a, s in zip(self.children, snap)])
+
+    def import_snapshot(self, arrays: dict, meta: dict) -> list:
+        parts = _import_children(arrays, meta, len(self.children))
+        return [None if a.rewindable else a.import_snapshot(arr, m) for a, (arr, m) in zip(self.children, parts)]
+
+    def import_state(self, kv: tuple[dict, dict], snap: tuple[dict, dict], position: int) -> Any:
+        """A CacheList at `position` from its children's KV and snapshot forms."""
+        kv_parts = _import_children(*kv, len(self.children))
+        snap_parts = _import_children(*snap, len(self.children))
+        layers = []
+        for a, (karr, kmeta), (sarr, smeta) in zip(self.children, kv_parts, snap_parts):
+            if a.rewindable:
+                layers.append(a.import_kv(karr, kmeta, position))
+            else:
+                layers.append(a.restore(None, position, a.import_snapshot(sarr, smeta)))
+        return mlc.CacheList(*layers)
+
+
+def _export_children(parts: list[tuple[dict, dict]]) -> tuple[dict, dict]:
+    arrays = {f"c{i}.{k}": v for i, (arr, _) in enumerate(parts) for k, v in arr.items()}
+    return arrays, {"children": [m for _, m in parts]}
+
+
+def _import_children(arrays: dict, meta: dict, count: int) -> list[tuple[dict, dict]]:
+    metas = meta.get("children") or [{}] * count
+    out = []
+    for i in range(count):
+        prefix = f"c{i}."
+        out.append(({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}, metas[i]))
+    return out
 
 
 _ADAPTERS: dict[type, type[LayerAdapter]] = {

@@ -21,6 +21,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from protocol.messages import (
     CacheFacts,
     CacheLayout,
+    DiskStats,
     FinishReason,
     Generate,
     Message,
@@ -37,7 +38,10 @@ from protocol.messages import (
 from worker.cache_adapters import ModelCacheOps, UnsupportedCache, kind_name, measure_layout
 from worker.memory import memory_stats
 from worker.memory_guard import InsufficientMemory, default_memory_limit, estimate_need
-from worker.pool import CheckpointPool, Lease, RestorePlan, TakenCheckpoint
+from worker.disk_tier import DiskTier
+from worker.fingerprint import model_fingerprint
+from worker.pool import Checkpoint, CheckpointPool, Lease, RestorePlan, Sequence, TakenCheckpoint
+from worker.state_codec import SavedPoint
 
 log = logging.getLogger("mlx_cache_proxy.worker")
 
@@ -58,6 +62,8 @@ class EngineConfig:
     max_lattice_points: int = 16
     memory_limit: int = 0  # bytes MLX may use in all; 0: the device's recommended working set
     max_kv_size: int = 0  # cap on prompt + generated tokens; 0: the model's context limit
+    disk_dir: str = ""  # the disk tier's directory ("" turns it off)
+    disk_cache_bytes: int = 16 << 30
 
 
 @dataclass
@@ -68,7 +74,15 @@ class _Prefill:
 
 
 class Engine:
-    def __init__(self, model: Any, model_id: str, config: EngineConfig, context_limit: int, vocab_size: int):
+    def __init__(
+        self,
+        model: Any,
+        model_id: str,
+        config: EngineConfig,
+        context_limit: int,
+        vocab_size: int,
+        fingerprint: str = "",
+    ):
         self.model = model
         self.model_id = model_id
         self.config = config
@@ -80,6 +94,11 @@ class Engine:
             self.pool = CheckpointPool(
                 self.ops, config.cache_bytes, config.checkpoint_interval, config.max_lattice_points
             )
+        self.disk: DiskTier | None = None
+        if self.pool is not None and config.disk_dir and config.disk_cache_bytes > 0 and fingerprint:
+            self.disk = DiskTier(Path(config.disk_dir) / fingerprint, config.disk_cache_bytes, self.ops)
+            self.pool.on_evict = self._save_to_disk
+        self.prefill_tokens_per_s = 1000.0  # refined by every prefill; decides disk load vs recompute
         self.layout = self._layout(uncached_reason)
         self.memory_limit = config.memory_limit or default_memory_limit(memory_stats(0))
         if config.max_kv_size:
@@ -96,13 +115,16 @@ class Engine:
         plan = lease.plan
         restored = time.perf_counter()
         taken: list[TakenCheckpoint] = []
+        if lease.from_disk:  # keep the loaded point in memory too
+            c = plan.checkpoint
+            taken.append(TakenCheckpoint(c.position, c.kind, c.snapshot, c.logits, c.logits_nbytes))
         try:
             with mx.stream(generation_stream):
                 if plan.logits is not None:
                     prefill = _Prefill(plan.logits, len(prompt), 0.0)
                 else:
                     prefill = self._prefill(lease.cache, prompt, plan, taken, request, emit, should_abort)
-                facts = self._facts(plan, prompt)
+                facts = self._facts(plan, prompt, lease.from_disk)
                 if prefill.logits is None:
                     finish, cache_tokens, generated, decode = FinishReason.ABORT, prompt[: prefill.position], [], None
                 else:
@@ -137,7 +159,38 @@ class Engine:
     def pool_stats(self) -> PoolStats:
         if self.pool is None:
             return PoolStats()
-        return self.pool.stats()
+        stats = self.pool.stats()
+        if self.disk is None:
+            return stats
+        d = self.disk.stats
+        disk = DiskStats(
+            entries=d.entries,
+            bytes=d.bytes,
+            capacity_bytes=self.disk.budget_bytes,
+            hits=d.hits,
+            read_bytes=d.read_bytes,
+            written_bytes=d.written_bytes,
+            load_seconds=d.load_seconds,
+            corrupt=d.corrupt,
+        )
+        return PoolStats(**{**stats.__dict__, "disk": disk})
+
+    def close(self) -> None:
+        """At shutdown: write the pool to the disk tier and wait for the writes."""
+        if self.disk is None:
+            return
+        for seq in list(self.pool.sequences.values()):
+            self._save_to_disk(seq, self.pool.checkpoints_on_path(seq))
+        self.disk.close()
+
+    def _save_to_disk(self, seq: Sequence, checkpoints: list[Checkpoint]) -> None:
+        end = len(seq.tokens)
+        points = [
+            SavedPoint(c.position, c.kind.value, c.snapshot, c.logits) for c in checkpoints if c.position <= end
+        ]
+        if self.ops.needs_snapshots and not points:
+            return  # nowhere to restore it exactly
+        self.disk.save(seq.tokens, seq.cache, points)
 
     def evict_to(self, target_bytes: int) -> None:
         if self.pool is not None:
@@ -172,7 +225,24 @@ class Engine:
             mx.clear_cache()
             plan = self.pool.plan(prompt, hints)
             self._guard_memory(plan, max_tokens)
-        return self.pool.checkout(plan)
+        return self._from_disk(plan, hints) or self.pool.checkout(plan)
+
+    def _from_disk(self, plan: RestorePlan, hints: list[int]) -> Lease | None:
+        """A lease restored from the disk tier, when it goes deeper and loads faster than recomputing."""
+        if self.disk is None:
+            return None
+        hit = self.disk.lookup(plan.prompt)
+        if hit is None or hit.position <= plan.restore_point:
+            return None
+        recompute_s = (hit.position - plan.restore_point) / self.prefill_tokens_per_s
+        if self.disk.load_seconds_estimate(hit) >= recompute_s:
+            return None
+        loaded = self.disk.load(hit)
+        if loaded is None:
+            return None
+        cache, logits, snapshot = loaded
+        checkpoint = Checkpoint(hit.position, RestoreKind(hit.kind), snapshot, logits, logits.nbytes if logits is not None else 0)
+        return Lease(cache, None, self.pool.plan_restored(plan.prompt, hints, checkpoint), from_disk=True)
 
     def _need(self, plan: RestorePlan, max_tokens: int) -> int:
         copied = plan.restore_point if plan.source is not None and not plan.in_place else 0
@@ -217,7 +287,11 @@ class Engine:
                 self._maybe_take(cache, pos, RestoreKind.PROMPT_END, None, taken)
                 break
             mx.clear_cache()
-        return _Prefill(logits, pos, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        computed = pos - plan.restore_point
+        if computed >= 32 and seconds > 0:
+            self.prefill_tokens_per_s = 0.5 * self.prefill_tokens_per_s + 0.5 * computed / seconds
+        return _Prefill(logits, pos, seconds)
 
     def _maybe_take(self, cache, position: int, kind: RestoreKind | None, logits, taken: list) -> None:
         if self.pool is None or kind is None:
@@ -271,9 +345,10 @@ class Engine:
             self._maybe_take(lease.cache, end, RestoreKind.GENERATION_END, None, taken)
         self.pool.commit(lease, cache_tokens, prompt_end, taken)
 
-    def _facts(self, plan: RestorePlan, prompt: list[int]) -> CacheFacts:
+    def _facts(self, plan: RestorePlan, prompt: list[int], from_disk: bool) -> CacheFacts:
         p = plan.restore_point
         return CacheFacts(
+            restored_from_disk=from_disk,
             prompt_tokens=len(prompt),
             cached_tokens=p,
             recomputed_tokens=len(prompt) - p,
@@ -386,4 +461,5 @@ def load_engine(model_path: str, config: EngineConfig, model_id: str | None = No
     vocab_size = int(model_config.get("vocab_size") or (model_config.get("text_config") or {}).get("vocab_size") or 0)
     if vocab_size <= 0:
         vocab_size = model.model.embed_tokens.weight.shape[0]  # every mlx-lm LM we serve names it so
-    return Engine(model, model_id or model_path, config, _context_limit(model_config or _read_config(path)), vocab_size)
+    limit = _context_limit(model_config or _read_config(path))
+    return Engine(model, model_id or model_path, config, limit, vocab_size, model_fingerprint(path))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 from protocol.messages import PoolStats, RestoreKind
 from worker.trie import Match, Node, TokenTrie
@@ -91,6 +91,7 @@ class Lease:
     cache: Any
     sequence: Sequence | None  # the stored sequence taken over in place, if any
     plan: RestorePlan
+    from_disk: bool = False
 
 
 @dataclass
@@ -109,8 +110,10 @@ class CheckpointPool:
         capacity_bytes: int,
         checkpoint_interval: int = 256,
         max_lattice_points: int = 16,
+        on_evict: Callable[[Sequence, list[Checkpoint]], None] | None = None,
     ):
         self.ops = ops
+        self.on_evict = on_evict  # sees each evicted sequence and the checkpoints on its path
         self.capacity_bytes = capacity_bytes
         self.checkpoint_interval = checkpoint_interval
         self.max_lattice_points = max_lattice_points
@@ -183,6 +186,13 @@ class CheckpointPool:
             plan.source, plan.in_place = best_in_place, True
         else:
             plan.source = max(candidates, key=lambda s: s.last_used)
+
+    def plan_restored(self, prompt: list[int], hints: Iterable[int], checkpoint: Checkpoint) -> RestorePlan:
+        """A plan for a cache restored elsewhere (the disk tier) at `checkpoint.position`."""
+        plan = RestorePlan(prompt, checkpoint.position, checkpoint.kind, None, False, checkpoint)
+        plan.match_length = checkpoint.position
+        plan.checkpoints_to_take = self._checkpoints_to_take(plan, hints)
+        return plan
 
     def _checkpoints_to_take(self, plan: RestorePlan, hints: Iterable[int]) -> dict[int, RestoreKind]:
         n, p = len(plan.prompt), plan.restore_point
@@ -291,6 +301,8 @@ class CheckpointPool:
                 break
             self.evictions += 1
             if isinstance(victim, Sequence):
+                if self.on_evict is not None:
+                    self.on_evict(victim, self.checkpoints_on_path(victim))
                 self._drop_sequence(victim)
             else:
                 node, depth = victim
@@ -313,6 +325,9 @@ class CheckpointPool:
                 if best_key is None or key < best_key:
                     best, best_key = (node, depth), key
         return best
+
+    def checkpoints_on_path(self, seq: Sequence) -> list[Checkpoint]:
+        return [c for node in self.trie.path_to(seq.node) for c in node.checkpoints.values()]
 
     def _drop_sequence(self, seq: Sequence) -> None:
         self._detach(seq)

@@ -1,0 +1,277 @@
+"""The disk tier: stored sequences that outlive the process and outgrow memory.
+
+Sequences evicted from the memory pool, and the whole pool at shutdown, are
+written as checkpoint files (see `disk_format`) under a directory named by the
+model fingerprint (weights, config, tokenizer, chat template), so another model
+never reads them. An index (JSON, rewritten atomically) lists the entries; it
+is read lazily, at the first lookup. Writes happen on a background thread:
+the model thread only hands over evaluated arrays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from worker.disk_format import TEMP_PREFIX, CorruptEntry, read_entry, write_entry, write_json_atomic
+from worker.state_codec import SavedPoint, export_sequence, from_host, host_ready, import_at
+from worker.trie import TokenTrie
+
+log = logging.getLogger("mlx_cache_proxy.worker")
+
+INDEX = "index.json"
+INDEX_VERSION = 1
+SUFFIX = ".ckpt"
+
+
+@dataclass
+class DiskEntry:
+    name: str  # file name in the tier's directory
+    tokens: list[int]
+    points: dict[int, tuple[str, bool]]  # position -> (restore kind, logits stored)
+    nbytes: int
+    checksum: str
+    last_used: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "tokens": self.tokens,
+            "points": [[p, k, lg] for p, (k, lg) in sorted(self.points.items())],
+            "nbytes": self.nbytes,
+            "checksum": self.checksum,
+            "last_used": self.last_used,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> DiskEntry:
+        points = {int(p): (str(k), bool(lg)) for p, k, lg in d["points"]}
+        return cls(d["name"], [int(t) for t in d["tokens"]], points, int(d["nbytes"]), d["checksum"], d["last_used"])
+
+
+@dataclass(frozen=True)
+class DiskHit:
+    entry: DiskEntry
+    position: int
+    kind: str
+
+
+@dataclass
+class DiskStats:
+    entries: int = 0
+    bytes: int = 0
+    hits: int = 0
+    read_bytes: int = 0
+    written_bytes: int = 0
+    load_seconds: float = 0.0
+    corrupt: int = 0
+
+
+@dataclass(frozen=True)
+class _Write:
+    tokens: list[int]
+    arrays: dict
+    meta: dict
+    points: dict[int, tuple[str, bool]]
+
+
+class DiskTier:
+    def __init__(self, directory: Path, budget_bytes: int, ops: Any):
+        self.dir = directory
+        self.budget_bytes = budget_bytes
+        self.ops = ops
+        self.stats = DiskStats()
+        self._entries: dict[str, DiskEntry] = {}
+        self._trie = TokenTrie()
+        self._lock = threading.Lock()  # guards the index: the writer thread updates it
+        self._loaded = False
+        self._writes: queue.Queue[_Write | None] = queue.Queue()
+        self._writer = threading.Thread(target=self._write_loop, name="disk-writer", daemon=True)
+        self._writer.start()
+        # Figures for "is loading faster than recomputing?", refined by measurement.
+        self.read_bytes_per_s = 500e6
+
+    # ------------------------------------------------------------- lookup / load (model thread)
+
+    def lookup(self, prompt: list[int]) -> DiskHit | None:
+        """The deepest saved point usable for `prompt` (one token left to compute unless logits were saved)."""
+        self._ensure_loaded()
+        n = len(prompt)
+        with self._lock:
+            match = self._trie.match(prompt)
+            if not self.ops.needs_snapshots:
+                return self._kv_only_hit(match, n)
+            for depth, holders in match.checkpoints(n):
+                hit = self._hit(depth, holders, need_logits=depth == n)
+                if hit is not None:
+                    return hit
+        return None
+
+    def _hit(self, depth: int, holders: dict, need_logits: bool) -> DiskHit | None:
+        for name, (kind, has_logits) in holders.items():
+            if has_logits or not need_logits:
+                return DiskHit(self._entries[name], depth, kind)
+        return None
+
+    def _kv_only_hit(self, match, n: int) -> DiskHit | None:
+        for depth, holders in match.checkpoints(n):
+            if depth == n and (hit := self._hit(depth, holders, need_logits=True)) is not None:
+                return hit
+        depth = min(match.length, n - 1)
+        node = match.node_at(depth) if depth > 0 else None
+        if node is None:
+            return None
+        _, name = next(iter(self._trie.entries_under(node)))
+        return DiskHit(self._entries[name], depth, "trim")
+
+    def load(self, hit: DiskHit) -> tuple[list, Any, Any] | None:
+        """(cache at the hit's position, logits or None, snapshot or None); None when the file is bad."""
+        start = time.perf_counter()
+        path = self.dir / hit.entry.name
+        try:
+            header, host = read_entry(path)
+            if header.get("checksum_of") != hit.entry.name:
+                raise CorruptEntry(f"{hit.entry.name}: header names another entry")
+            cache, logits, snapshot = import_at(self.ops, from_host(host), header["meta"], hit.position)
+        except (CorruptEntry, KeyError, ValueError) as exc:
+            log.warning("disk checkpoint skipped and removed: %s", exc)
+            self.stats.corrupt += 1
+            self._forget(hit.entry.name, delete=True)
+            return None
+        elapsed = time.perf_counter() - start
+        size = path.stat().st_size if path.exists() else hit.entry.nbytes
+        self.read_bytes_per_s = 0.5 * self.read_bytes_per_s + 0.5 * size / max(elapsed, 1e-6)
+        self.stats.hits += 1
+        self.stats.read_bytes += size
+        self.stats.load_seconds += elapsed
+        with self._lock:
+            hit.entry.last_used = time.time()
+        return cache, logits, snapshot
+
+    def load_seconds_estimate(self, hit: DiskHit) -> float:
+        return hit.entry.nbytes / self.read_bytes_per_s
+
+    # ------------------------------------------------------------- save (model thread -> writer)
+
+    def save(self, tokens: list[int], cache: list, points: list[SavedPoint]) -> None:
+        """Queue a sequence for writing; returns at once."""
+        if self.budget_bytes <= 0 or not tokens:
+            return
+        arrays, meta = export_sequence(self.ops, cache, len(tokens), points)
+        saved = {p.position: (p.kind, p.logits is not None) for p in points}
+        self._writes.put(_Write(list(tokens), host_ready(arrays), meta, saved))
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Finish queued writes, then stop the writer."""
+        self._writes.put(None)
+        self._writer.join(timeout)
+
+    def _write_loop(self) -> None:
+        while True:
+            job = self._writes.get()
+            if job is None:
+                return
+            try:
+                self._write(job)
+            except Exception:
+                log.exception("writing a disk checkpoint failed; the entry is skipped")
+
+    def _write(self, job: _Write) -> None:
+        self._ensure_loaded()
+        name = hashlib.sha256(array("q", job.tokens).tobytes()).hexdigest()[:32] + SUFFIX
+        header = {"checksum_of": name, "tokens": len(job.tokens), "meta": job.meta}
+        nbytes, checksum = write_entry(self.dir / name, header, job.arrays)
+        self.stats.written_bytes += nbytes
+        with self._lock:
+            self._remove_locked(name)
+            self._add_locked(DiskEntry(name, job.tokens, job.points, nbytes, checksum))
+            doomed = self._over_budget_locked()
+            for victim in doomed:
+                self._remove_locked(victim)
+            snapshot = self._index_json_locked()
+        for victim in doomed:
+            (self.dir / victim).unlink(missing_ok=True)
+        write_json_atomic(self.dir / INDEX, snapshot)
+
+    # ------------------------------------------------------------- index
+
+    def _ensure_loaded(self) -> None:
+        with self._lock:
+            if self._loaded:
+                return
+            self._loaded = True
+            self.dir.mkdir(parents=True, exist_ok=True)
+            entries = self._read_index()
+            for entry in entries:
+                if (self.dir / entry.name).exists():
+                    self._add_locked(entry)
+            listed = set(self._entries) | {INDEX}
+        for path in self.dir.iterdir():  # leftovers of a crash: temp files, files never indexed
+            if path.name not in listed and (path.name.startswith(TEMP_PREFIX) or path.suffix == SUFFIX):
+                path.unlink(missing_ok=True)
+
+    def _read_index(self) -> list[DiskEntry]:
+        import json
+
+        path = self.dir / INDEX
+        if not path.exists():
+            return []
+        try:
+            data = json.loads(path.read_text())
+            if data.get("version") != INDEX_VERSION:
+                return []
+            return [DiskEntry.from_json(e) for e in data["entries"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("disk cache index unreadable (%s); starting an empty one", exc)
+            return []
+
+    def _index_json_locked(self) -> dict:
+        return {"version": INDEX_VERSION, "entries": [e.to_json() for e in self._entries.values()]}
+
+    def _add_locked(self, entry: DiskEntry) -> None:
+        self._entries[entry.name] = entry
+        self._trie.attach_entry(entry.tokens, entry.name)
+        for position, point in entry.points.items():
+            if position <= len(entry.tokens):
+                node = self._trie.insert(entry.tokens[:position])
+                node.checkpoints.setdefault(position, {})[entry.name] = point
+        self.stats.entries, self.stats.bytes = len(self._entries), sum(e.nbytes for e in self._entries.values())
+
+    def _remove_locked(self, name: str) -> None:
+        entry = self._entries.pop(name, None)
+        if entry is None:
+            return
+        node = self._trie.insert(entry.tokens)
+        # A point on a shared path may have been saved by other entries too: drop only this one's claim.
+        for n in self._trie.path_to(node):
+            for depth, holders in list(n.checkpoints.items()):
+                holders.pop(name, None)
+                if not holders:
+                    del n.checkpoints[depth]
+        self._trie.detach_entry(node, name)
+        self.stats.entries, self.stats.bytes = len(self._entries), sum(e.nbytes for e in self._entries.values())
+
+    def _over_budget_locked(self) -> list[str]:
+        total = sum(e.nbytes for e in self._entries.values())
+        doomed = []
+        for entry in sorted(self._entries.values(), key=lambda e: e.last_used):
+            if total <= self.budget_bytes:
+                break
+            doomed.append(entry.name)
+            total -= entry.nbytes
+        return doomed
+
+    def _forget(self, name: str, delete: bool) -> None:
+        with self._lock:
+            self._remove_locked(name)
+            snapshot = self._index_json_locked()
+        if delete:
+            (self.dir / name).unlink(missing_ok=True)
+        write_json_atomic(self.dir / INDEX, snapshot)
