@@ -168,7 +168,7 @@ class DiskTier:
         saved = {p.position: (p.kind, p.logits is not None) for p in points}
         self._writes.put(_Write(list(tokens), host_ready(arrays), meta, saved))
 
-    def close(self, timeout: float = 60.0) -> None:
+    def close(self, timeout: float = 100.0) -> None:
         """Finish queued writes, then stop the writer."""
         self._writes.put(None)
         self._writer.join(timeout)

@@ -293,6 +293,7 @@ class IOLoop(threading.Thread):
         self._waiting_for_hello: list[list[bytes]] = []
         self._socket: Any = None
         self._stop_seen_at: Optional[float] = None
+        self.stop_grace_s = STOP_GRACE_S  # the model thread extends it while it saves the pool to disk
         self._shutting_down = False  # after Shutdown nothing new is started
 
     # ----------------------------------------------------------------- thread body
@@ -364,8 +365,8 @@ class IOLoop(threading.Thread):
             return
         if self._stop_seen_at is None:
             self._stop_seen_at = now
-        elif now - self._stop_seen_at > STOP_GRACE_S:
-            log.error("model thread did not stop within %.0fs (%s); exiting", STOP_GRACE_S, self.stop.reason)
+        elif now - self._stop_seen_at > self.stop_grace_s:
+            log.error("model thread did not stop within %.0fs (%s); exiting", self.stop_grace_s, self.stop.reason)
             os._exit(1)
 
     # ----------------------------------------------------------------- inbound

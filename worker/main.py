@@ -75,6 +75,9 @@ def _positive_float(text: str) -> float:
     return value
 
 
+DISK_SAVE_GRACE_S = 120.0
+
+
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="mlx-cache-proxy worker",
@@ -96,6 +99,14 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         "else 90%% of physical memory); requests that would exceed it evict the pool, then are refused",
     )
     parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="directory of the disk tier (checkpoints that survive restarts); default: off for a bare worker",
+    )
+    parser.add_argument(
+        "--disk-cache-bytes", type=parse_bytes, default=None, help="disk tier budget, e.g. 64G (0 turns it off)"
+    )
+    parser.add_argument(
         "--max-kv-size", type=_positive_int, default=None, help="cap on prompt + generated tokens (default: the model's)"
     )
     parser.add_argument("--heartbeat-interval", type=_positive_float, default=2.0, metavar="SECONDS")
@@ -106,8 +117,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def engine_config(args: argparse.Namespace):
     from worker.engine import EngineConfig
 
-    names = ("cache_bytes", "checkpoint_interval", "prefill_step", "memory_limit", "max_kv_size")
+    names = ("cache_bytes", "checkpoint_interval", "prefill_step", "memory_limit", "max_kv_size", "disk_cache_bytes")
     given = {name: getattr(args, name) for name in names}
+    given["disk_dir"] = args.cache_dir
     return EngineConfig(cache_enabled=not args.no_cache, **{k: v for k, v in given.items() if v is not None})
 
 
@@ -165,6 +177,11 @@ def _run(args, io: IOLoop, inbox, outbox: Outbox, book: RequestBook, stop: StopF
 
     reason = ModelLoop(engine, inbox, outbox, book, stop, io).run()
     log.info("stopping: %s", reason)
+    try:
+        io.stop_grace_s += DISK_SAVE_GRACE_S  # saving is work, not a hang
+        engine.close()  # the pool goes to the disk tier, if there is one
+    except Exception:
+        log.exception("saving the pool to disk failed")
     # After Shutdown the last Results must still leave; after a stop nothing more is sent.
     outbox.put(Close(SHUTDOWN_LINGER_MS if reason == "shutdown" else 0))
     return 1 if io.failed else 0
