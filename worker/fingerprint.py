@@ -1,9 +1,11 @@
 """A short, stable name for "this model, this tokenizer, this chat template".
 
 Checkpoints are only valid for the exact weights, config, tokenizer and template
-that produced them. Hashing 80 GB of weights at every start is too slow, so the
-weights count by their safetensors headers (every tensor's name, dtype, shape and
-offsets) and file sizes; config, tokenizer and template files count in full.
+that produced them. Hashing 80 GB of weights at every start is too slow, so a
+weight file counts by its size, its safetensors header (every tensor's name,
+dtype, shape and offsets) and 64 evenly spaced 64 KiB samples of its bytes (all
+of it when small): enough to tell a fine-tune or another seed apart. Config,
+tokenizer and template files count in full.
 """
 
 from __future__ import annotations
@@ -33,7 +35,24 @@ def model_fingerprint(model_dir: Path) -> str:
     for path in sorted(model_dir.glob("*.safetensors")):
         digest.update(path.name.encode() + b"\0" + str(path.stat().st_size).encode() + b"\0")
         digest.update(_safetensors_header(path))
+        digest.update(_sampled_bytes(path))
     return digest.hexdigest()[:20]
+
+
+_SAMPLES, _SAMPLE_BYTES = 64, 64 << 10
+
+
+def _sampled_bytes(path: Path) -> bytes:
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        if size <= _SAMPLES * _SAMPLE_BYTES:
+            digest.update(f.read())
+            return digest.digest()
+        for i in range(_SAMPLES):
+            f.seek((size - _SAMPLE_BYTES) * i // (_SAMPLES - 1))
+            digest.update(f.read(_SAMPLE_BYTES))
+    return digest.digest()
 
 
 def _safetensors_header(path: Path) -> bytes:

@@ -310,10 +310,13 @@ class CheckpointPool:
         return before - self.nbytes
 
     def _next_victim(self) -> Sequence | tuple[Node, int] | None:
-        """Oldest first; checkpoints before sequences at equal age; shared prefixes last."""
+        """Oldest first; shared prefixes last."""
+        # With a disk tier, a sequence leaves whole, with the checkpoints on its path;
+        # without one, its snapshots go first and its KV (dearer to recompute) last.
+        seq_tier, ckpt_tier = (0, 1) if self.on_evict is not None else (1, 0)
         best, best_key = None, None
         for seq in self.sequences.values():
-            key = (False, seq.last_used, 1)
+            key = (False, seq.last_used, seq_tier)
             if best_key is None or key < best_key:
                 best, best_key = seq, key
         for node in self.trie.nodes():
@@ -321,7 +324,7 @@ class CheckpointPool:
                 continue
             shared = self.trie.entry_count_under(node) > 1
             for depth, ckpt in node.checkpoints.items():
-                key = (shared, ckpt.last_used, 0)
+                key = (shared, ckpt.last_used, ckpt_tier)
                 if best_key is None or key < best_key:
                     best, best_key = (node, depth), key
         return best
