@@ -1,0 +1,185 @@
+"""Prometheus metrics: what an operator needs to see whether the cache is working.
+
+Names start with `mlx_cache_proxy_`, use base units, counters end in `_total`,
+and everything is labelled by model. Request figures are observed here as each
+request ends; worker figures (pool, memory, disk) come from the workers' latest
+ZeroMQ heartbeat through a collector that runs at scrape time: nothing scrapes
+the worker itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from protocol.messages import CacheFacts, MemoryStats, PoolStats, RestoreKind
+
+PREFIX = "mlx_cache_proxy"
+
+# `*_created` series double the output and help no dashboard.
+disable_created_metrics()
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# From a cached turn (tens of ms) to a cold 60K-token prefill (minutes).
+LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    """What the collector reads about one served model at scrape time."""
+
+    model: str
+    queue_depth: int
+    running: int
+    restarts: int
+    pool: Optional[PoolStats]
+    memory: Optional[MemoryStats]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            f"{PREFIX}_requests", "Requests answered, by HTTP status and finish reason",
+            ["model", "status", "finish_reason"], registry=r,
+        )
+        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens received", ["model"], registry=r)
+        self.cached_tokens = Counter(
+            f"{PREFIX}_cached_tokens", "Prompt tokens restored from the cache, not computed", ["model"], registry=r
+        )
+        self.recomputed_tokens = Counter(
+            f"{PREFIX}_recomputed_tokens", "Prompt tokens computed (prefilled)", ["model"], registry=r
+        )
+        self.generated_tokens = Counter(f"{PREFIX}_generated_tokens", "Tokens generated", ["model"], registry=r)
+        self.lookups = Counter(f"{PREFIX}_cache_lookups", "Cache lookups (one per request)", ["model"], registry=r)
+        self.hits = Counter(
+            f"{PREFIX}_cache_hits", "Lookups that restored at least one token", ["model", "restore_kind"], registry=r
+        )
+        self.rejections = Counter(
+            f"{PREFIX}_guard_rejections", "Requests refused by a guard, by reason", ["model", "reason"], registry=r
+        )
+        self.ttft = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds", "From request arrival to the first generated token",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.prefill = Histogram(
+            f"{PREFIX}_prefill_seconds", "Worker time restoring and prefilling one prompt",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.e2e = Histogram(
+            f"{PREFIX}_request_duration_seconds", "From request arrival to its last byte",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_wait = Histogram(
+            f"{PREFIX}_queue_wait_seconds", "Time a request waited for its worker", ["model"],
+            buckets=QUEUE_BUCKETS, registry=r,
+        )
+
+    # ------------------------------------------------------------- observing requests
+
+    def observe_cache(self, model: str, facts: CacheFacts) -> None:
+        self.lookups.labels(model).inc()
+        self.prompt_tokens.labels(model).inc(facts.prompt_tokens)
+        self.cached_tokens.labels(model).inc(facts.cached_tokens)
+        self.recomputed_tokens.labels(model).inc(facts.recomputed_tokens)
+        if facts.cached_tokens > 0:
+            kind = "disk" if facts.restored_from_disk else RestoreKind(facts.restore_kind).value
+            self.hits.labels(model, kind).inc()
+
+    def observe_request(
+        self,
+        model: str,
+        status: int,
+        finish_reason: str,
+        generated_tokens: int = 0,
+        ttft_s: Optional[float] = None,
+        prefill_s: Optional[float] = None,
+        total_s: Optional[float] = None,
+        queue_wait_s: Optional[float] = None,
+    ) -> None:
+        self.requests.labels(model, str(status), finish_reason or "none").inc()
+        if generated_tokens:
+            self.generated_tokens.labels(model).inc(generated_tokens)
+        for histogram, value in (
+            (self.ttft, ttft_s), (self.prefill, prefill_s), (self.e2e, total_s), (self.queue_wait, queue_wait_s)
+        ):
+            if value is not None:
+                histogram.labels(model).observe(value)
+
+    def rejected(self, model: str, reason: str) -> None:
+        self.rejections.labels(model, reason).inc()
+
+    # ------------------------------------------------------------- worker figures
+
+    def watch_workers(self, views: Callable[[], Iterable[WorkerView]]) -> None:
+        """Export worker figures read at scrape time from `views()`."""
+        self.registry.register(_WorkerCollector(views))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _WorkerCollector(Collector):
+    def __init__(self, views: Callable[[], Iterable[WorkerView]]):
+        self._views = views
+
+    def describe(self):
+        return []  # figures only exist once workers report; nothing to describe up front
+
+    def collect(self):
+        gauges = {
+            name: GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=["model"])
+            for name, doc in (
+                ("queue_depth", "Requests waiting for their worker"),
+                ("running_requests", "Requests the worker is running"),
+                ("pool_bytes", "Bytes held by the checkpoint pool"),
+                ("pool_capacity_bytes", "Byte budget of the checkpoint pool"),
+                ("pool_checkpoints", "Checkpoints held by the pool"),
+                ("pool_sequences", "Sequences (KV caches) held by the pool"),
+                ("mlx_active_memory_bytes", "MLX active memory of the worker"),
+                ("mlx_peak_memory_bytes", "MLX peak memory of the worker since it started"),
+                ("disk_bytes", "Bytes held by the disk tier"),
+                ("disk_entries", "Sequences held by the disk tier"),
+            )
+        }
+        counters = {
+            name: CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["model"])
+            for name, doc in (
+                ("pool_evictions", "Pool units evicted (since the worker started)"),
+                ("worker_restarts", "Times the worker process was restarted"),
+                ("disk_hits", "Restores that came from the disk tier"),
+                ("disk_read_bytes", "Bytes read from the disk tier"),
+                ("disk_written_bytes", "Bytes written to the disk tier"),
+                ("disk_load_seconds", "Seconds spent loading from the disk tier"),
+            )
+        }
+        for view in self._views():
+            m = [view.model]
+            gauges["queue_depth"].add_metric(m, view.queue_depth)
+            gauges["running_requests"].add_metric(m, view.running)
+            counters["worker_restarts"].add_metric(m, view.restarts)
+            if view.pool is not None:
+                gauges["pool_bytes"].add_metric(m, view.pool.bytes)
+                gauges["pool_capacity_bytes"].add_metric(m, view.pool.capacity_bytes)
+                gauges["pool_checkpoints"].add_metric(m, view.pool.checkpoints)
+                gauges["pool_sequences"].add_metric(m, view.pool.sequences)
+                counters["pool_evictions"].add_metric(m, view.pool.evictions)
+                disk = view.pool.disk
+                if disk is not None:
+                    gauges["disk_bytes"].add_metric(m, disk.bytes)
+                    gauges["disk_entries"].add_metric(m, disk.entries)
+                    counters["disk_hits"].add_metric(m, disk.hits)
+                    counters["disk_read_bytes"].add_metric(m, disk.read_bytes)
+                    counters["disk_written_bytes"].add_metric(m, disk.written_bytes)
+                    counters["disk_load_seconds"].add_metric(m, disk.load_seconds)
+            if view.memory is not None:
+                gauges["mlx_active_memory_bytes"].add_metric(m, view.memory.active)
+                gauges["mlx_peak_memory_bytes"].add_metric(m, view.memory.peak)
+        yield from gauges.values()
+        yield from counters.values()
