@@ -1,0 +1,98 @@
+"""The aiohttp application: `create_app(config)`.
+
+Long-lived resources open and close in cleanup contexts, in order: the
+upstream HTTP session, then the workers (started concurrently, since each
+loads a model). Shutdown is the mirror image: on_shutdown stops taking new
+requests, aiohttp lets running handlers finish (bounded by its shutdown
+timeout), then the cleanup contexts stop the workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator, Awaitable, Callable
+
+import zmq.asyncio
+from aiohttp import web
+
+from proxy.config import ProxyConfig
+from proxy.errors import ApiError, InternalError, NotFound
+from proxy.routes import add_routes
+from proxy.served_model import ModelRegistry, ServedModel, close_served_model, open_served_model
+from proxy.state import CONFIG, LIFECYCLE, REGISTRY, UPSTREAM_SESSION, Lifecycle
+from proxy.supervisor import ipc_endpoint, remove_socket_dir, socket_dir
+from proxy.upstream import new_session
+
+log = logging.getLogger("mlx_cache_proxy")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def create_app(config: ProxyConfig) -> web.Application:
+    app = web.Application(middlewares=[openai_errors], client_max_size=64 * 1024**2)
+    app[CONFIG] = config
+    app[LIFECYCLE] = Lifecycle()
+    app.cleanup_ctx.append(upstream_session)
+    app.cleanup_ctx.append(workers)
+    app.on_shutdown.append(stop_accepting)
+    add_routes(app)
+    return app
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as an OpenAI error object with the right status."""
+    try:
+        return await handler(request)
+    except ApiError as error:
+        return error.response()
+    except web.HTTPNotFound:
+        return NotFound(f"no route for {request.method} {request.path}").response()
+    except web.HTTPMethodNotAllowed as exc:
+        error = NotFound(f"{request.method} is not allowed on {request.path}")
+        error.status, error.code = 405, "method_not_allowed"
+        response = error.response()
+        response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
+        return response
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        return InternalError("internal error; see the server log").response()
+
+
+async def stop_accepting(app: web.Application) -> None:
+    app[LIFECYCLE].accepting = False
+    log.info("shutting down: no new requests; waiting for running ones")
+
+
+async def upstream_session(app: web.Application) -> AsyncIterator[None]:
+    if app[CONFIG].upstream is None:
+        yield
+        return
+    async with new_session() as session:
+        app[UPSTREAM_SESSION] = session
+        yield
+
+
+async def workers(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    context = zmq.asyncio.Context()
+    sockets = socket_dir()
+    opening = [
+        asyncio.ensure_future(open_served_model(spec, config, context, ipc_endpoint(sockets, i)))
+        for i, spec in enumerate(config.models)
+    ]
+    results = await asyncio.gather(*opening, return_exceptions=True)
+    served: list[ServedModel] = [r for r in results if isinstance(r, ServedModel)]
+    failures = [r for r in results if isinstance(r, BaseException)]
+    try:
+        if failures:
+            raise failures[0]
+        app[REGISTRY] = ModelRegistry(served)
+        yield
+    finally:
+        await asyncio.gather(*(close_served_model(s, config) for s in served), return_exceptions=True)
+        context.term()
+        remove_socket_dir(sockets)

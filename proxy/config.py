@@ -1,0 +1,71 @@
+"""The proxy's configuration: plain frozen records, built by `proxy.serve`.
+
+Nothing here parses a command line or touches the disk, so tests build a
+`ProxyConfig` directly.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+DEFAULT_MODEL_ID = "default"
+# mlx_lm.server's name for "the model given on the command line".
+DEFAULT_MODEL_ALIAS = "default_model"
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One served model: its public id and where its worker is."""
+
+    model_id: str  # exactly as given with --model (or --worker NAME=...)
+    path: Optional[Path]  # local model directory: tokenizer, and a local worker's --model
+    endpoint: Optional[str] = None  # a worker already running elsewhere; None: start one
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """How local workers are started and how every worker is watched."""
+
+    cache_bytes: int = 8 * GIB
+    checkpoint_interval: Optional[int] = None
+    no_cache: bool = False
+    prefill_step: Optional[int] = None
+    heartbeat_interval: float = 1.0  # asked of local workers; the proxy pings at this pace too
+    heartbeat_timeout: float = 60.0  # silence after which a worker counts as dead
+    start_timeout: float = 600.0  # model load + handshake
+    stop_timeout: float = 10.0  # Shutdown -> exit, before SIGTERM
+    abort_timeout: float = 30.0  # Abort -> the worker's last message for that request
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    models: tuple[ModelSpec, ...]
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_queue: int = 32  # waiting requests per worker (the running one not counted)
+    upstream: Optional[str] = None
+    worker: WorkerOptions = field(default_factory=WorkerOptions)
+    default_max_tokens: int = 512
+    keepalive_interval: float = 5.0  # SSE comment while nothing else is sent
+    progress_every: int = 512  # prompt tokens between Progress messages
+    shutdown_timeout: float = 30.0  # for the running requests on SIGTERM
+    max_hints: int = 8  # message boundaries hinted to the worker
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "8589934592", "512M", "8G", "1.5GiB", "64kb" (binary units)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"not a size: {text!r} (expected e.g. 512M, 8G, 1073741824)")
+    number, unit, _ = match.groups()
+    return int(float(number) * _UNITS[unit.lower()])

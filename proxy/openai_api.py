@@ -1,0 +1,426 @@
+"""The OpenAI API surface: request bodies -> typed requests, and response builders.
+
+Parsing is strict about types and ranges (a wrong one is a 400 naming the
+parameter) and lenient about fields we have no use for (`user`, `metadata`,
+`parallel_tool_calls`, ... are ignored). Settings we cannot honour
+(`n` > 1, penalties other than repetition, `logit_bias`, JSON response formats)
+are refused rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+from protocol.messages import SamplingParams
+from proxy.errors import InvalidJson, InvalidRequest
+
+MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5
+
+_MISSING = object()
+
+
+# ----------------------------------------------------------------- typed requests
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """What every generating endpoint shares."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: Optional[int] = None
+    stop: tuple[str, ...] = ()
+    top_logprobs: int = -1  # -1: no logprobs; 0: the chosen token only; n: n alternatives
+    stream: bool = False
+    include_usage: bool = False
+
+    def sampling(self, stop_token_ids: Sequence[int]) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+            stop_token_ids=list(stop_token_ids),
+            top_logprobs=self.top_logprobs,
+        )
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: Optional[str]
+    messages: list[dict[str, Any]]
+    options: GenerationOptions
+    tools: Optional[list[dict[str, Any]]] = None
+    parse_tools: bool = False  # tools given and tool_choice is not "none"
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    model: Optional[str]
+    prompt: Union[str, list[int]]
+    options: GenerationOptions
+
+
+# ----------------------------------------------------------------- parsing
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidJson(f"the request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise InvalidJson("the request body must be a JSON object")
+    return body
+
+
+def requested_model(body: dict[str, Any]) -> Optional[str]:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidRequest("model must be a string", param="model")
+    return model
+
+
+def parse_chat_request(body: dict[str, Any], default_max_tokens: int) -> ChatRequest:
+    messages = body.get("messages", _MISSING)
+    if messages is _MISSING:
+        raise InvalidRequest("messages is required", param="messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("messages must be a non-empty array", param="messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InvalidRequest("each message must be an object", param=f"messages[{i}]")
+        if not isinstance(message.get("role"), str):
+            raise InvalidRequest("each message needs a string role", param=f"messages[{i}].role")
+        content = message.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise InvalidRequest(
+                "content must be a string, an array of content parts, or null",
+                param=f"messages[{i}].content",
+            )
+    tools = _optional(body, "tools", list)
+    if tools is not None:
+        for i, tool in enumerate(tools):
+            if not isinstance(tool, dict):
+                raise InvalidRequest("each tool must be an object", param=f"tools[{i}]")
+    tools = tools or None
+    tool_choice = body.get("tool_choice")
+    if tool_choice is not None and not isinstance(tool_choice, (str, dict)):
+        raise InvalidRequest("tool_choice must be a string or an object", param="tool_choice")
+    if isinstance(tool_choice, str) and tool_choice not in ("none", "auto", "required"):
+        raise InvalidRequest("tool_choice must be none, auto, required or a function", param="tool_choice")
+    if tool_choice == "none":
+        tools = None
+    template_kwargs = _optional(body, "chat_template_kwargs", dict) or {}
+
+    max_tokens = _first_int(body, ("max_completion_tokens", "max_tokens"), default_max_tokens)
+    top_logprobs = -1
+    if _optional(body, "logprobs", bool):
+        top_logprobs = _int(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
+    elif body.get("top_logprobs") not in (None, 0):
+        raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
+    _check_response_format(body)
+    return ChatRequest(
+        model=requested_model(body),
+        messages=messages,
+        options=_options(body, max_tokens, top_logprobs),
+        tools=tools,
+        parse_tools=tools is not None,
+        template_kwargs=template_kwargs,
+    )
+
+
+def parse_completion_request(body: dict[str, Any], default_max_tokens: int) -> CompletionRequest:
+    prompt = body.get("prompt", _MISSING)
+    if prompt is _MISSING:
+        raise InvalidRequest("prompt is required", param="prompt")
+    prompt = _single_prompt(prompt)
+    max_tokens = _first_int(body, ("max_tokens",), default_max_tokens)
+    logprobs = body.get("logprobs")
+    if logprobs is None or logprobs is False:
+        top_logprobs = -1
+    elif isinstance(logprobs, int) and not isinstance(logprobs, bool) and 0 <= logprobs <= MAX_COMPLETION_LOGPROBS:
+        top_logprobs = logprobs
+    else:
+        raise InvalidRequest(f"logprobs must be an integer from 0 to {MAX_COMPLETION_LOGPROBS}", param="logprobs")
+    if body.get("echo"):
+        raise InvalidRequest("echo is not supported", param="echo")
+    if body.get("suffix"):
+        raise InvalidRequest("suffix is not supported", param="suffix")
+    if body.get("best_of") not in (None, 1):
+        raise InvalidRequest("best_of must be 1", param="best_of")
+    return CompletionRequest(
+        model=requested_model(body),
+        prompt=prompt,
+        options=_options(body, max_tokens, top_logprobs),
+    )
+
+
+def _single_prompt(prompt: Any) -> Union[str, list[int]]:
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            if any(t < 0 for t in prompt):
+                raise InvalidRequest("token ids must be >= 0", param="prompt")
+            return list(prompt)
+        if len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            return _single_prompt(prompt[0])
+        raise InvalidRequest("only one prompt per request is supported", param="prompt")
+    raise InvalidRequest("prompt must be a string or a non-empty array of token ids", param="prompt")
+
+
+def _options(body: dict[str, Any], max_tokens: int, top_logprobs: int) -> GenerationOptions:
+    stream = _optional(body, "stream", bool) or False
+    stream_options = _optional(body, "stream_options", dict) or {}
+    include_usage = stream_options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise InvalidRequest("stream_options.include_usage must be a boolean", param="stream_options")
+    if body.get("n") not in (None, 1):
+        raise InvalidRequest("only n=1 is supported", param="n")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _float(body, name, 0.0, -2.0, 2.0) != 0.0:
+            raise InvalidRequest(f"{name} is not supported; use repetition_penalty", param=name)
+    if body.get("logit_bias"):
+        raise InvalidRequest("logit_bias is not supported", param="logit_bias")
+    repetition_penalty = _float(body, "repetition_penalty", 1.0, 0.0, None)
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise InvalidRequest("seed must be an integer", param="seed")
+    return GenerationOptions(
+        max_tokens=max_tokens,
+        # mlx_lm.server's default temperature (greedy), not OpenAI's 1.0.
+        temperature=_float(body, "temperature", 0.0, 0.0, None),
+        top_p=_float(body, "top_p", 1.0, 0.0, 1.0),
+        top_k=_int(body, "top_k", 0, 0, None),
+        min_p=_float(body, "min_p", 0.0, 0.0, 1.0),
+        # mlx_lm.server treats 0 as "off"; the worker's "off" is 1.0.
+        repetition_penalty=repetition_penalty or 1.0,
+        seed=seed,
+        stop=_stop(body.get("stop")),
+        top_logprobs=top_logprobs,
+        stream=stream,
+        include_usage=include_usage,
+    )
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,) if value else ()
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        if len(value) > MAX_STOP_STRINGS:
+            raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
+        return tuple(s for s in value if s)
+    raise InvalidRequest("stop must be a string or an array of strings", param="stop")
+
+
+def _check_response_format(body: dict[str, Any]) -> None:
+    fmt = body.get("response_format")
+    if fmt is None:
+        return
+    if not isinstance(fmt, dict) or fmt.get("type") != "text":
+        raise InvalidRequest("only response_format {\"type\": \"text\"} is supported", param="response_format")
+
+
+def _optional(body: dict[str, Any], name: str, kind: type) -> Any:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise InvalidRequest(f"{name} must be of type {_TYPE_NAMES.get(kind, kind.__name__)}", param=name)
+    return value
+
+
+_TYPE_NAMES = {list: "array", dict: "object", bool: "boolean", str: "string"}
+
+
+def _float(body: dict[str, Any], name: str, default: float, lo: Optional[float], hi: Optional[float]) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidRequest(f"{name} must be a number", param=name)
+    _range(name, value, lo, hi)
+    return float(value)
+
+
+def _int(body: dict[str, Any], name: str, default: int, lo: Optional[int], hi: Optional[int]) -> int:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"{name} must be an integer", param=name)
+    _range(name, value, lo, hi)
+    return value
+
+
+def _first_int(body: dict[str, Any], names: Sequence[str], default: int) -> int:
+    for name in names:
+        if body.get(name) is not None:
+            return _int(body, name, default, 1, None)
+    return default
+
+
+def _range(name: str, value: float, lo: Optional[float], hi: Optional[float]) -> None:
+    if lo is not None and value < lo:
+        raise InvalidRequest(f"{name} must be at least {lo}", param=name)
+    if hi is not None and value > hi:
+        raise InvalidRequest(f"{name} must be at most {hi}", param=name)
+
+
+# ----------------------------------------------------------------- responses
+
+
+@dataclass(frozen=True)
+class TokenLogprobView:
+    """One generated token's logprob, already turned into text."""
+
+    text: str
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: Optional[int]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    if cached_tokens is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return out
+
+
+def chat_logprobs(entries: Sequence[TokenLogprobView]) -> dict[str, Any]:
+    return {
+        "content": [
+            {
+                "token": e.text,
+                "logprob": e.logprob,
+                "bytes": list(e.text.encode("utf-8")),
+                "top_logprobs": [
+                    {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))} for t, lp in e.top
+                ],
+            }
+            for e in entries
+        ]
+    }
+
+
+def completion_logprobs(entries: Sequence[TokenLogprobView], text_offset: int = 0) -> dict[str, Any]:
+    offsets, at = [], text_offset
+    for e in entries:
+        offsets.append(at)
+        at += len(e.text)
+    return {
+        "tokens": [e.text for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [dict(e.top) for e in entries],
+        "text_offset": offsets,
+    }
+
+
+@dataclass
+class ResponseIdentity:
+    """What every chunk of one response repeats."""
+
+    id: str
+    model: str
+    created: int = field(default_factory=lambda: int(time.time()))
+    system_fingerprint: str = "mlx-cache-proxy"
+
+    def envelope(self, obj: str) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": self.system_fingerprint,
+        }
+
+
+def chat_message(content: str, reasoning: str, tool_calls: list[dict[str, Any]]) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": content or None}
+    if reasoning:
+        message["reasoning"] = reasoning
+    if tool_calls:
+        message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in tool_calls]
+    return message
+
+
+def chat_completion(
+    ident: ResponseIdentity,
+    message: dict[str, Any],
+    finish_reason: str,
+    usage_: dict[str, Any],
+    logprobs: Optional[dict[str, Any]] = None,
+) -> dict[str, Any]:
+    out = ident.envelope("chat.completion")
+    out["choices"] = [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}]
+    out["usage"] = usage_
+    return out
+
+
+def chat_chunk(
+    ident: ResponseIdentity,
+    delta: dict[str, Any],
+    finish_reason: Optional[str] = None,
+    logprobs: Optional[dict[str, Any]] = None,
+) -> dict[str, Any]:
+    out = ident.envelope("chat.completion.chunk")
+    out["choices"] = [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]
+    return out
+
+
+def text_completion(
+    ident: ResponseIdentity,
+    text: str,
+    finish_reason: str,
+    usage_: dict[str, Any],
+    logprobs: Optional[dict[str, Any]] = None,
+) -> dict[str, Any]:
+    out = ident.envelope("text_completion")
+    out["choices"] = [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]
+    out["usage"] = usage_
+    return out
+
+
+def text_chunk(
+    ident: ResponseIdentity,
+    text: str,
+    finish_reason: Optional[str] = None,
+    logprobs: Optional[dict[str, Any]] = None,
+) -> dict[str, Any]:
+    out = ident.envelope("text_completion")
+    out["choices"] = [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]
+    return out
+
+
+def usage_chunk(ident: ResponseIdentity, obj: str, usage_: dict[str, Any]) -> dict[str, Any]:
+    out = ident.envelope(obj)
+    out["choices"] = []
+    out["usage"] = usage_
+    return out
+
+
+def model_list(model_ids: Sequence[str], created: int) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": [{"id": m, "object": "model", "created": created, "owned_by": "mlx-cache-proxy"} for m in model_ids],
+    }

@@ -1,0 +1,156 @@
+"""Generation events -> an HTTP response: one JSON body, or an SSE stream.
+
+`ChatFormat` and `TextFormat` say how chat and text completions look; the two
+responders are the same for both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol
+
+from aiohttp import web
+
+from proxy import openai_api as api
+from proxy.errors import ApiError
+from proxy.generation import Finished, Generation, KeepAlive, Output, Prefill
+from proxy.openai_api import ResponseIdentity, TokenLogprobView
+from proxy.sse import EventStream
+from proxy.text_output import OutputDelta
+
+
+@dataclass
+class Collected:
+    """A whole response, gathered from the events."""
+
+    delta: OutputDelta = field(default_factory=OutputDelta)
+    logprobs: list[TokenLogprobView] = field(default_factory=list)
+
+
+class ResponseFormat(Protocol):
+    chunk_object: str
+
+    def opening(self, ident: ResponseIdentity) -> list[dict[str, Any]]: ...
+
+    def chunk(self, ident: ResponseIdentity, delta: OutputDelta, logprobs: list[TokenLogprobView]) -> Optional[dict[str, Any]]: ...
+
+    def closing(self, ident: ResponseIdentity, finish_reason: str) -> dict[str, Any]: ...
+
+    def whole(self, ident: ResponseIdentity, collected: Collected, finished: Finished) -> dict[str, Any]: ...
+
+
+class ChatFormat:
+    chunk_object = "chat.completion.chunk"
+
+    def opening(self, ident: ResponseIdentity) -> list[dict[str, Any]]:
+        return [api.chat_chunk(ident, {"role": "assistant", "content": ""})]
+
+    def chunk(self, ident, delta, logprobs):
+        body: dict[str, Any] = {}
+        if delta.content:
+            body["content"] = delta.content
+        if delta.reasoning:
+            body["reasoning"] = delta.reasoning
+        if delta.tool_calls:
+            body["tool_calls"] = delta.tool_calls
+        if not body and not logprobs:
+            return None
+        return api.chat_chunk(ident, body, None, api.chat_logprobs(logprobs) if logprobs else None)
+
+    def closing(self, ident, finish_reason):
+        return api.chat_chunk(ident, {}, finish_reason)
+
+    def whole(self, ident, collected, finished):
+        d = collected.delta
+        return api.chat_completion(
+            ident,
+            api.chat_message(d.content, d.reasoning, d.tool_calls),
+            finished.finish_reason,
+            _usage(finished),
+            api.chat_logprobs(collected.logprobs) if collected.logprobs else None,
+        )
+
+
+class TextFormat:
+    chunk_object = "text_completion"
+
+    def opening(self, ident: ResponseIdentity) -> list[dict[str, Any]]:
+        return []
+
+    def chunk(self, ident, delta, logprobs):
+        if not delta.content and not logprobs:
+            return None
+        return api.text_chunk(ident, delta.content, None, api.completion_logprobs(logprobs) if logprobs else None)
+
+    def closing(self, ident, finish_reason):
+        return api.text_chunk(ident, "", finish_reason)
+
+    def whole(self, ident, collected, finished):
+        return api.text_completion(
+            ident,
+            collected.delta.content,
+            finished.finish_reason,
+            _usage(finished),
+            api.completion_logprobs(collected.logprobs) if collected.logprobs else None,
+        )
+
+
+def _usage(finished: Finished) -> dict[str, Any]:
+    return api.usage(finished.prompt_tokens, finished.completion_tokens, finished.cached_tokens)
+
+
+async def whole_response(generation: Generation, fmt: ResponseFormat, ident: ResponseIdentity) -> web.Response:
+    collected = Collected()
+    async for event in generation.events():
+        if isinstance(event, Output):
+            collected.delta += event.delta
+            collected.logprobs.extend(event.logprobs)
+        elif isinstance(event, Finished):
+            collected.delta += event.delta
+            return web.json_response(fmt.whole(ident, collected, event), headers=cache_headers(generation))
+    raise RuntimeError("the generation ended without a Finished event")
+
+
+async def stream_response(
+    stream: EventStream,
+    generation: Generation,
+    fmt: ResponseFormat,
+    ident: ResponseIdentity,
+    include_usage: bool,
+) -> None:
+    """Stream the events of `generation`; an error mid-stream ends it with an error event."""
+    for chunk in fmt.opening(ident):
+        await stream.data(chunk)
+    try:
+        async for event in generation.events():
+            if isinstance(event, KeepAlive):
+                await stream.comment("keep-alive" if not event.queue_position else f"keep-alive queued {event.queue_position}")
+            elif isinstance(event, Prefill):
+                await stream.comment(f"prefill {event.processed}/{event.total}")
+            elif isinstance(event, Output):
+                chunk = fmt.chunk(ident, event.delta, event.logprobs)
+                if chunk is not None:
+                    await stream.data(chunk)
+            elif isinstance(event, Finished):
+                chunk = fmt.chunk(ident, event.delta, [])
+                if chunk is not None:
+                    await stream.data(chunk)
+                await stream.data(fmt.closing(ident, event.finish_reason))
+                if include_usage:
+                    await stream.data(api.usage_chunk(ident, fmt.chunk_object, _usage(event)))
+                await stream.done()
+                return
+    except ApiError as error:
+        await stream.error(error)
+        raise
+
+
+def cache_headers(generation: Generation) -> dict[str, str]:
+    """What the cache did, for clients that look (harmless to those that do not)."""
+    facts = generation.record.facts
+    if facts is None:
+        return {}
+    return {
+        "X-Cache-Cached-Tokens": str(facts.cached_tokens),
+        "X-Cache-Restore": f"{facts.restore_point} {facts.restore_kind.value}",
+    }

@@ -1,0 +1,230 @@
+"""HTTP handlers: /v1/chat/completions, /v1/completions, /v1/models, /health.
+
+A generating handler reads the body, finds the model (or forwards to the
+upstream), validates, tokenizes off the event loop, then runs a `Generation`
+and answers with one JSON body or an SSE stream.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Awaitable, Callable, Optional
+
+from aiohttp import web
+
+from proxy import openai_api as api
+from proxy.errors import (
+    ApiError,
+    ContextLengthExceeded,
+    InvalidRequest,
+    ModelNotFound,
+    NotFound,
+    ShuttingDown,
+    WorkerUnavailable,
+)
+from proxy.generation import Generation, GenerationJob, GenerationSettings
+from proxy.openai_api import ResponseIdentity
+from proxy.responders import ChatFormat, ResponseFormat, TextFormat, stream_response, whole_response
+from proxy.served_model import ServedModel
+from proxy.sse import ClientGone, EventStream
+from proxy.state import CONFIG, LIFECYCLE, REGISTRY, UPSTREAM_SESSION
+from proxy.upstream import forward
+
+Prepare = Callable[[web.Request, ServedModel, dict[str, Any], str], Awaitable[GenerationJob]]
+
+STARTED = int(time.time())
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _serve_generation(request, _prepare_chat, ChatFormat(), "chatcmpl")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _serve_generation(request, _prepare_text, TextFormat(), "cmpl")
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return web.json_response(api.model_list(request.app[REGISTRY].ids(), STARTED))
+
+
+async def get_model(request: web.Request) -> web.Response:
+    name = request.match_info["model"]
+    served = request.app[REGISTRY].lookup(name)
+    if served is None:
+        raise ModelNotFound(f"the model {name!r} does not exist", param="model")
+    return web.json_response(api.model_list([served.model_id], STARTED)["data"][0])
+
+
+async def health(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    accepting = request.app[LIFECYCLE].accepting
+    workers = [_worker_health(served) for served in registry.models]
+    healthy = accepting and all(w["alive"] for w in workers)
+    body = {"status": "ok" if healthy else ("shutting_down" if not accepting else "degraded"), "workers": workers}
+    return web.json_response(body, status=200 if healthy else 503)
+
+
+async def not_found(request: web.Request) -> web.Response:
+    raise NotFound(f"no route for {request.method} {request.path}")
+
+
+# ----------------------------------------------------------------- generation
+
+
+async def _serve_generation(
+    request: web.Request, prepare: Prepare, fmt: ResponseFormat, id_prefix: str
+) -> web.StreamResponse:
+    app = request.app
+    body_bytes = await request.read()
+    body = api.parse_json_body(body_bytes)
+    name = api.requested_model(body)
+    served = app[REGISTRY].lookup(name)
+    if served is None:
+        upstream = app[CONFIG].upstream
+        if upstream is not None:
+            try:
+                return await forward(request, body_bytes, app[UPSTREAM_SESSION], upstream)
+            except ClientGone:
+                return web.Response(status=499)
+        raise ModelNotFound(f"the model {name!r} does not exist", param="model")
+    if not app[LIFECYCLE].accepting:
+        raise ShuttingDown("the server is shutting down", retry_after=5)
+    if not served.client.alive:
+        raise WorkerUnavailable(
+            f"the worker for {served.model_id} is unavailable: {served.client.failure}", retry_after=5
+        )
+    request_id = f"{id_prefix}-{uuid.uuid4().hex}"
+    job = await prepare(request, served, body, request_id)
+    ident = ResponseIdentity(request_id, name or served.model_id)
+    stream: Optional[EventStream] = None
+    try:
+        async with Generation(served, job, _settings(request)) as generation:
+            if not job.options.stream:
+                return await whole_response(generation, fmt, ident)
+            stream = EventStream(request)
+            await stream.open()
+            try:
+                await stream_response(stream, generation, fmt, ident, job.options.include_usage)
+            except ApiError as error:  # already sent as the stream's error event
+                generation.record.status = f"error:{error.code}"
+            return stream.response
+    except ClientGone:
+        assert stream is not None
+        return stream.response
+
+
+def _settings(request: web.Request) -> GenerationSettings:
+    config = request.app[CONFIG]
+    return GenerationSettings(
+        keepalive_interval=config.keepalive_interval,
+        progress_every=config.progress_every,
+        abort_timeout=config.worker.abort_timeout,
+    )
+
+
+async def _prepare_chat(
+    request: web.Request, served: ServedModel, body: dict[str, Any], request_id: str
+) -> GenerationJob:
+    config = request.app[CONFIG]
+    chat = api.parse_chat_request(body, config.default_max_tokens)
+    rendered = await served.in_tokenizer_thread(
+        served.tokenizer.render_chat,
+        chat.messages,
+        tools=chat.tools,
+        template_kwargs=chat.template_kwargs,
+        max_hints=config.max_hints,
+    )
+    _check_prompt(served, rendered.tokens)
+    text = served.tokenizer.text_output(
+        stop=chat.options.stop,
+        tools=chat.tools,
+        parse_tools=chat.parse_tools,
+        split_reasoning=True,
+        initial_state=rendered.initial_state,
+    )
+    return GenerationJob(request_id, chat.model or served.model_id, rendered.tokens, rendered.checkpoint_hints, chat.options, text)
+
+
+async def _prepare_text(
+    request: web.Request, served: ServedModel, body: dict[str, Any], request_id: str
+) -> GenerationJob:
+    config = request.app[CONFIG]
+    completion = api.parse_completion_request(body, config.default_max_tokens)
+    if isinstance(completion.prompt, str):
+        tokens = await served.in_tokenizer_thread(served.tokenizer.encode_text, completion.prompt)
+    else:
+        tokens = completion.prompt
+        vocab = served.client.hello.vocab_size if served.client.hello else 0
+        if vocab and max(tokens) >= vocab:
+            raise InvalidRequest(f"token ids must be below the vocabulary size {vocab}", param="prompt")
+    _check_prompt(served, tokens)
+    text = served.tokenizer.text_output(stop=completion.options.stop)
+    return GenerationJob(request_id, completion.model or served.model_id, tokens, [], completion.options, text)
+
+
+def _check_prompt(served: ServedModel, tokens: list[int]) -> None:
+    if not tokens:
+        raise InvalidRequest("the prompt is empty", param="prompt")
+    limit = served.client.hello.context_limit if served.client.hello else 0
+    if limit and len(tokens) >= limit:
+        raise ContextLengthExceeded(
+            f"the prompt has {len(tokens)} tokens; this model's context holds {limit}",
+            param="messages",
+        )
+
+
+# ----------------------------------------------------------------- health
+
+
+def _worker_health(served: ServedModel) -> dict[str, Any]:
+    client = served.client
+    hello, stats = client.hello, client.stats
+    memory = stats.memory if stats else (hello.memory if hello else None)
+    out: dict[str, Any] = {
+        "model": served.model_id,
+        "endpoint": client.endpoint,
+        "alive": client.alive,
+        "failure": client.failure,
+        "pid": hello.pid if hello else (served.process.pid if served.process else None),
+        "local": served.process is not None,
+        "queue": {"waiting": served.queue.waiting, "running": served.queue.running, "max_waiting": served.queue.max_waiting},
+        "seconds_since_heartbeat": round(time.monotonic() - client.last_seen, 3),
+        "running_request": stats.running_request if stats else None,
+    }
+    if hello is not None:
+        out.update(
+            context_limit=hello.context_limit,
+            cache_enabled=hello.cache_enabled,
+            cacheable=hello.layout.cacheable,
+            layer_kinds=sorted(set(hello.layout.layer_kinds)),
+        )
+    if stats is not None:
+        pool = stats.pool
+        out["pool"] = {
+            "bytes": pool.bytes,
+            "capacity_bytes": pool.capacity_bytes,
+            "sequences": pool.sequences,
+            "checkpoints": pool.checkpoints,
+            "evictions": pool.evictions,
+        }
+    elif hello is not None:
+        out["pool"] = {"bytes": 0, "capacity_bytes": hello.pool_capacity_bytes}
+    if memory is not None:
+        out["memory"] = {
+            "active": memory.active,
+            "peak": memory.peak,
+            "cache": memory.cache,
+            "device_total": memory.device_total,
+            "pool_bytes": memory.pool_bytes,
+        }
+    return out
+
+
+def add_routes(app: web.Application) -> None:
+    for prefix in ("/v1", ""):
+        app.router.add_post(f"{prefix}/chat/completions", chat_completions)
+        app.router.add_post(f"{prefix}/completions", completions)
+        app.router.add_get(f"{prefix}/models", list_models)
+        app.router.add_get(f"{prefix}/models/{{model:.+}}", get_model)
+        app.router.add_get(f"{prefix}/health", health)

@@ -1,0 +1,159 @@
+"""A served model: its worker (process and socket), its queue and its tokenizer.
+
+`open_served_model` brings one up (start the process, handshake, load the
+tokenizer); `close_served_model` takes it down in the reverse order.
+`ModelRegistry` maps request `model` names, aliases included, to them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Coroutine, Optional, TypeVar
+
+import zmq.asyncio
+
+from proxy.chat import ChatTokenizer
+from proxy.config import ModelSpec, ProxyConfig
+from proxy.request_queue import RequestQueue
+from proxy.supervisor import WorkerProcess
+from proxy.worker_client import WorkerClient, WorkerStartError
+
+log = logging.getLogger("mlx_cache_proxy")
+
+T = TypeVar("T")
+
+
+@dataclass
+class ServedModel:
+    spec: ModelSpec
+    client: WorkerClient
+    queue: RequestQueue
+    tokenizer: ChatTokenizer
+    process: Optional[WorkerProcess] = None
+    # Tokenizing and template rendering run here, off the event loop, one at a time.
+    tokenizer_thread: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+    )
+    background: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    @property
+    def model_id(self) -> str:
+        return self.spec.model_id
+
+    async def in_tokenizer_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.tokenizer_thread, functools.partial(fn, *args, **kwargs))
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run `coro` in the background, kept referenced until it ends."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+
+async def open_served_model(
+    spec: ModelSpec,
+    config: ProxyConfig,
+    context: zmq.asyncio.Context,
+    endpoint: str,
+) -> ServedModel:
+    """Start (or reach) the worker for `spec`, handshake, load the tokenizer."""
+    options = config.worker
+    process = None
+    if spec.endpoint is None:
+        process = await WorkerProcess.start(spec, options, endpoint)
+    else:
+        endpoint = spec.endpoint
+    client = WorkerClient(
+        spec.model_id,
+        endpoint,
+        context=context,
+        heartbeat_interval=options.heartbeat_interval,
+        heartbeat_timeout=options.heartbeat_timeout,
+    )
+    try:
+        # On this (the main) thread: mlx_lm imports MLX, whose thread-local state
+        # must not belong to an executor thread that exits during interpreter
+        # shutdown (its destructor then aborts the process).
+        tokenizer = ChatTokenizer.load(spec.path) if spec.path is not None else None
+        hello = await client.connect(options.start_timeout, exited=process.exited if process else None)
+        if tokenizer is None:
+            tokenizer = ChatTokenizer.load(_tokenizer_path(spec, hello.model_id))
+    except BaseException:
+        await client.close(shutdown=process is not None)
+        if process is not None:
+            await process.stop(timeout=0.5)
+        raise
+    if process is not None:
+        process.exited.add_done_callback(
+            lambda task: client.fail(f"worker process exited with code {task.result()}")
+            if not task.cancelled()
+            else None
+        )
+    log.info(
+        "worker for %s ready: pid %d, context %d, cache %s, layers %s",
+        spec.model_id,
+        hello.pid,
+        hello.context_limit,
+        "on" if hello.cache_enabled else "off",
+        ",".join(sorted(set(hello.layout.layer_kinds))),
+    )
+    return ServedModel(
+        spec=spec,
+        client=client,
+        queue=RequestQueue(config.max_queue),
+        tokenizer=tokenizer,
+        process=process,
+    )
+
+
+def _tokenizer_path(spec: ModelSpec, hello_model_id: str) -> Path:
+    """Where the tokenizer of a remote worker's model is: its --worker name, or its model id."""
+    from proxy.model_source import ModelSourceError, resolve_model_path
+
+    for candidate in (spec.model_id, hello_model_id):
+        try:
+            return resolve_model_path(candidate)
+        except ModelSourceError:
+            continue
+    raise WorkerStartError(
+        f"cannot find a tokenizer for remote worker {spec.model_id!r} (worker model id "
+        f"{hello_model_id!r}): name the worker by a local model path or a cached HF repo"
+    )
+
+
+async def close_served_model(served: ServedModel, config: ProxyConfig) -> None:
+    await served.client.close(shutdown=served.process is not None)
+    for task in list(served.background):
+        task.cancel()
+    await asyncio.gather(*served.background, return_exceptions=True)
+    if served.process is not None:
+        await served.process.stop(config.worker.stop_timeout)
+        log.info("worker for %s stopped (exit code %s)", served.model_id, served.process.returncode)
+    # Joined, not left behind: no thread may still be exiting when Python finalizes.
+    served.tokenizer_thread.shutdown(wait=True, cancel_futures=True)
+
+
+class ModelRegistry:
+    """Request `model` names -> served models. The first model is the default."""
+
+    def __init__(self, models: list[ServedModel]) -> None:
+        self.models = list(models)
+        self._by_name: dict[str, ServedModel] = {}
+        for served in self.models:
+            for name in (served.spec.model_id, *served.spec.aliases):
+                self._by_name.setdefault(name, served)
+
+    def lookup(self, name: Optional[str]) -> Optional[ServedModel]:
+        """The model serving `name`; no name means the default model."""
+        if name is None or name == "":
+            return self.models[0] if self.models else None
+        return self._by_name.get(name)
+
+    def ids(self) -> list[str]:
+        return [served.model_id for served in self.models]
