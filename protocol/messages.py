@@ -183,6 +183,8 @@ class Hello(Message):
     cache_enabled: bool
     pool_capacity_bytes: int
     pid: int
+    memory_limit: int = 0  # the worker's memory budget (bytes); 0: none known
+    activation_bytes: int = 0  # measured peak of one prefill chunk
 
 
 @dataclass(frozen=True)

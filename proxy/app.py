@@ -18,9 +18,10 @@ from aiohttp import web
 
 from proxy.config import ProxyConfig
 from proxy.errors import ApiError, InternalError, NotFound
-from proxy.routes import add_routes
+from proxy.metrics import Metrics, WorkerView
+from proxy.routes import GENERATION_ENTERED, MODEL_ID, add_routes
 from proxy.served_model import ModelRegistry, ServedModel, close_served_model, open_served_model
-from proxy.state import CONFIG, LIFECYCLE, REGISTRY, UPSTREAM_SESSION, Lifecycle
+from proxy.state import CONFIG, LIFECYCLE, METRICS, REGISTRY, UPSTREAM_SESSION, Lifecycle
 from proxy.supervisor import ipc_endpoint, remove_socket_dir, socket_dir
 from proxy.upstream import new_session
 
@@ -30,9 +31,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def create_app(config: ProxyConfig) -> web.Application:
-    app = web.Application(middlewares=[openai_errors], client_max_size=64 * 1024**2)
+    app = web.Application(middlewares=[openai_errors], client_max_size=config.max_body_bytes)
     app[CONFIG] = config
     app[LIFECYCLE] = Lifecycle()
+    app[METRICS] = Metrics()
+    app[METRICS].watch_workers(lambda: worker_views(app))
     app.cleanup_ctx.append(upstream_session)
     app.cleanup_ctx.append(workers)
     app.on_shutdown.append(stop_accepting)
@@ -46,6 +49,8 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
     try:
         return await handler(request)
     except ApiError as error:
+        if MODEL_ID in request and not request.get(GENERATION_ENTERED):
+            request.app[METRICS].observe_refusal(request[MODEL_ID], error.status, error.code)
         return error.response()
     except web.HTTPNotFound:
         return NotFound(f"no route for {request.method} {request.path}").response()
@@ -60,6 +65,26 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
         return InternalError("internal error; see the server log").response()
+
+
+def worker_views(app: web.Application) -> list[WorkerView]:
+    registry = app.get(REGISTRY)
+    if registry is None:
+        return []
+    views = []
+    for served in registry.models:
+        stats, hello = served.client.stats, served.client.hello
+        views.append(
+            WorkerView(
+                model=served.model_id,
+                queue_depth=served.queue.waiting,
+                running=served.queue.running,
+                restarts=getattr(served, "restarts", 0),
+                pool=stats.pool if stats is not None else None,
+                memory=stats.memory if stats is not None else (hello.memory if hello is not None else None),
+            )
+        )
+    return views
 
 
 async def stop_accepting(app: web.Application) -> None:

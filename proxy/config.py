@@ -41,6 +41,10 @@ class WorkerOptions:
     start_timeout: float = 600.0  # model load + handshake
     stop_timeout: float = 10.0  # Shutdown -> exit, before SIGTERM
     abort_timeout: float = 30.0  # Abort -> the worker's last message for that request
+    cache_dir: str = ""  # the disk tier's directory; "" turns it off
+    disk_cache_bytes: int = 32 * GIB
+    memory_limit: int = 0  # per worker; 0: the worker picks its device's budget
+    max_kv_size: int = 0  # per request: prompt + max_tokens; 0: the model's context limit
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,7 @@ class ProxyConfig:
     progress_every: int = 512  # prompt tokens between Progress messages
     shutdown_timeout: float = 30.0  # for the running requests on SIGTERM
     max_hints: int = 8  # message boundaries hinted to the worker
+    max_body_bytes: int = 16 * 1024**2
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional, Union
+from typing import AsyncIterator, Callable, Optional, Union
 
 from protocol.messages import FinishReason, Generate, Progress, Result, Tokens
 from proxy.errors import ApiError
@@ -42,6 +42,7 @@ class GenerationSettings:
     keepalive_interval: float = 5.0
     progress_every: int = 512
     abort_timeout: float = 30.0
+    observer: Optional[Callable[[RequestRecord], None]] = None  # sees each record as it is logged
 
 
 # ----------------------------------------------------------------- events
@@ -83,7 +84,7 @@ class Generation:
         self.served = served
         self.job = job
         self.settings = settings
-        self.record = RequestRecord(job.request_id, job.model, len(job.prompt_tokens))
+        self.record = RequestRecord(job.request_id, job.model, len(job.prompt_tokens), served.model_id)
         self._ticket = None
         self._channel: Optional[RequestChannel] = None
         self._aborted = False
@@ -96,11 +97,11 @@ class Generation:
     async def __aexit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None and self.record.status == "ok":
             if issubclass(exc_type, ApiError):
-                self.record.status = f"error:{exc.code}"
+                self.note_error(exc)
             elif issubclass(exc_type, (asyncio.CancelledError, ConnectionError)):
-                self.record.status = "client_gone"
+                self.record.status, self.record.http_status = "client_gone", 499
             else:
-                self.record.status = f"error:{exc_type.__name__}"
+                self.record.status, self.record.http_status = f"error:{exc_type.__name__}", 500
         channel = self._channel
         if channel is None or channel.finished:
             self._release()
@@ -109,6 +110,10 @@ class Generation:
             self.served.client.abort(self.job.request_id)
             self._aborted = True
         self.served.spawn(self._drain(channel))
+
+    def note_error(self, error: ApiError) -> None:
+        self.record.status = f"error:{error.code}"
+        self.record.http_status, self.record.error_code = error.status, error.code
 
     # ------------------------------------------------------------ events
 
@@ -179,6 +184,7 @@ class Generation:
         delta = self.job.text.finish(finish_reason)
         if finish_reason == "stop" and self.job.text.tool_calls_made:
             finish_reason = "tool_calls"
+        self.record.finish_reason = finish_reason
         facts = self.record.facts
         return Finished(
             delta=delta,
@@ -190,6 +196,7 @@ class Generation:
 
     def _note_result(self, result: Result) -> None:
         self.record.facts = result.facts
+        self.record.timings = result.timings
         self.record.generated_tokens = result.generated_tokens
         self.record.finished = time.monotonic()
 
@@ -218,3 +225,5 @@ class Generation:
             self._ticket.release()
             self._ticket = None
             self.record.emit()
+            if self.settings.observer is not None:
+                self.settings.observer(self.record)

@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from protocol.messages import CacheFacts, MemoryStats, PoolStats, RestoreKind
+from proxy.request_log import RequestRecord
 
 PREFIX = "mlx_cache_proxy"
 
@@ -26,6 +27,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # From a cached turn (tens of ms) to a cold 60K-token prefill (minutes).
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+# Refusals that protect the service rather than report a client mistake.
+GUARD_CODES = frozenset({"context_length_exceeded", "insufficient_memory", "queue_full"})
+
 QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
@@ -114,6 +118,30 @@ class Metrics:
 
     def rejected(self, model: str, reason: str) -> None:
         self.rejections.labels(model, reason).inc()
+
+    def observe_record(self, record: RequestRecord) -> None:
+        """A request that reached its queue, as it is logged."""
+        if record.facts is not None:
+            self.observe_cache(record.model_key, record.facts)
+        if record.error_code in GUARD_CODES:
+            self.rejected(record.model_key, record.error_code)
+        timings = record.timings
+        self.observe_request(
+            record.model_key,
+            record.http_status,
+            record.finish_reason or ("error" if record.error_code else ""),
+            record.generated_tokens,
+            ttft_s=record.seconds(record.first_token),
+            prefill_s=(timings.restore_s + timings.prefill_s) if timings is not None else None,
+            total_s=record.seconds(record.finished),
+            queue_wait_s=record.seconds(record.started),
+        )
+
+    def observe_refusal(self, model: str, status: int, code: str | None) -> None:
+        """A generation request answered with an error before it reached its queue."""
+        if code in GUARD_CODES:
+            self.rejected(model, code)
+        self.observe_request(model, status, "error")
 
     # ------------------------------------------------------------- worker figures
 

@@ -7,6 +7,7 @@ and answers with one JSON body or an SSE stream.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from typing import Any, Awaitable, Callable, Optional
@@ -16,7 +17,6 @@ from aiohttp import web
 from proxy import openai_api as api
 from proxy.errors import (
     ApiError,
-    ContextLengthExceeded,
     InvalidRequest,
     ModelNotFound,
     NotFound,
@@ -24,11 +24,12 @@ from proxy.errors import (
     WorkerUnavailable,
 )
 from proxy.generation import Generation, GenerationJob, GenerationSettings
+from proxy.guards import check_context, check_memory
 from proxy.openai_api import ResponseIdentity
 from proxy.responders import ChatFormat, ResponseFormat, TextFormat, stream_response, whole_response
 from proxy.served_model import ServedModel
 from proxy.sse import ClientGone, EventStream
-from proxy.state import CONFIG, LIFECYCLE, REGISTRY, UPSTREAM_SESSION
+from proxy.state import CONFIG, LIFECYCLE, METRICS, REGISTRY, UPSTREAM_SESSION
 from proxy.upstream import forward
 
 Prepare = Callable[[web.Request, ServedModel, dict[str, Any], str], Awaitable[GenerationJob]]
@@ -65,6 +66,14 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if healthy else 503)
 
 
+async def metrics(request: web.Request) -> web.Response:
+    from proxy.metrics import CONTENT_TYPE
+
+    response = web.Response(body=request.app[METRICS].render())
+    response.headers["Content-Type"] = CONTENT_TYPE
+    return response
+
+
 async def not_found(request: web.Request) -> web.Response:
     raise NotFound(f"no route for {request.method} {request.path}")
 
@@ -88,6 +97,7 @@ async def _serve_generation(
             except ClientGone:
                 return web.Response(status=499)
         raise ModelNotFound(f"the model {name!r} does not exist", param="model")
+    request[MODEL_ID] = served.model_id
     if not app[LIFECYCLE].accepting:
         raise ShuttingDown("the server is shutting down", retry_after=5)
     if not served.client.alive:
@@ -95,11 +105,12 @@ async def _serve_generation(
             f"the worker for {served.model_id} is unavailable: {served.client.failure}", retry_after=5
         )
     request_id = f"{id_prefix}-{uuid.uuid4().hex}"
-    job = await prepare(request, served, body, request_id)
+    job = _guarded(served, await prepare(request, served, body, request_id), body)
     ident = ResponseIdentity(request_id, name or served.model_id)
     stream: Optional[EventStream] = None
     try:
         async with Generation(served, job, _settings(request)) as generation:
+            request[GENERATION_ENTERED] = True
             if not job.options.stream:
                 return await whole_response(generation, fmt, ident)
             stream = EventStream(request)
@@ -107,11 +118,17 @@ async def _serve_generation(
             try:
                 await stream_response(stream, generation, fmt, ident, job.options.include_usage)
             except ApiError as error:  # already sent as the stream's error event
-                generation.record.status = f"error:{error.code}"
+                generation.note_error(error)
             return stream.response
     except ClientGone:
         assert stream is not None
         return stream.response
+
+
+# Set on the request for the error middleware: which model, and whether a Generation
+# (which logs and counts itself) was entered.
+MODEL_ID = "mlx_cache_proxy.model_id"
+GENERATION_ENTERED = "mlx_cache_proxy.generation_entered"
 
 
 def _settings(request: web.Request) -> GenerationSettings:
@@ -120,7 +137,19 @@ def _settings(request: web.Request) -> GenerationSettings:
         keepalive_interval=config.keepalive_interval,
         progress_every=config.progress_every,
         abort_timeout=config.worker.abort_timeout,
+        observer=request.app[METRICS].observe_record,
     )
+
+
+def _guarded(served: ServedModel, job: GenerationJob, body: dict[str, Any]) -> GenerationJob:
+    """The job with max_tokens fitted to the context; refuses what cannot fit in context or memory."""
+    given = any(body.get(key) is not None for key in ("max_tokens", "max_completion_tokens"))
+    prompt = len(job.prompt_tokens)
+    max_tokens = check_context(prompt, job.options.max_tokens, served.client.hello, given)
+    check_memory(prompt, max_tokens, served.client.hello, served.client.stats)
+    if max_tokens == job.options.max_tokens:
+        return job
+    return dataclasses.replace(job, options=dataclasses.replace(job.options, max_tokens=max_tokens))
 
 
 async def _prepare_chat(
@@ -166,12 +195,6 @@ async def _prepare_text(
 def _check_prompt(served: ServedModel, tokens: list[int]) -> None:
     if not tokens:
         raise InvalidRequest("the prompt is empty", param="prompt")
-    limit = served.client.hello.context_limit if served.client.hello else 0
-    if limit and len(tokens) >= limit:
-        raise ContextLengthExceeded(
-            f"the prompt has {len(tokens)} tokens; this model's context holds {limit}",
-            param="messages",
-        )
 
 
 # ----------------------------------------------------------------- health
@@ -228,3 +251,4 @@ def add_routes(app: web.Application) -> None:
         app.router.add_get(f"{prefix}/models", list_models)
         app.router.add_get(f"{prefix}/models/{{model:.+}}", get_model)
         app.router.add_get(f"{prefix}/health", health)
+    app.router.add_get("/metrics", metrics)

@@ -8,6 +8,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.config import ProxyConfig
+from proxy.metrics import Metrics
 from proxy.served_model import ModelRegistry
 
 
@@ -22,3 +23,4 @@ CONFIG = web.AppKey("config", ProxyConfig)
 REGISTRY = web.AppKey("registry", ModelRegistry)
 UPSTREAM_SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+METRICS = web.AppKey("metrics", Metrics)

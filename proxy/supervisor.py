@@ -49,6 +49,12 @@ def worker_argv(spec: ModelSpec, options: WorkerOptions, endpoint: str) -> list[
         argv.append("--no-cache")
     if options.prefill_step is not None:
         argv += ["--prefill-step", str(options.prefill_step)]
+    if options.cache_dir and not options.no_cache:
+        argv += ["--cache-dir", options.cache_dir, "--disk-cache-bytes", str(options.disk_cache_bytes)]
+    if options.memory_limit:
+        argv += ["--memory-limit", str(options.memory_limit)]
+    if options.max_kv_size:
+        argv += ["--max-kv-size", str(options.max_kv_size)]
     return argv
 
 

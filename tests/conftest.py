@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache_home(tmp_path_factory):
+    """Every process the tests start keeps its default model and disk tier in a fresh directory.
+
+    `serve` writes checkpoints to disk by default; without this, one test run (or a
+    developer's own service) would leave cache hits for the next.
+    """
+    home = tmp_path_factory.mktemp("cache-home")
+    previous = os.environ.get("MLX_CACHE_PROXY_HOME")
+    os.environ["MLX_CACHE_PROXY_HOME"] = str(home)
+    yield home
+    if previous is None:
+        os.environ.pop("MLX_CACHE_PROXY_HOME", None)
+    else:
+        os.environ["MLX_CACHE_PROXY_HOME"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -198,6 +198,8 @@ def _hello(engine, args) -> Hello:
         cache_enabled=not args.no_cache,
         pool_capacity_bytes=engine.pool_stats().capacity_bytes,
         pid=os.getpid(),
+        memory_limit=engine.memory_limit,
+        activation_bytes=engine.activation_bytes,
     )
 
 

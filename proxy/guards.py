@@ -1,0 +1,57 @@
+"""Checks a request must pass before it is queued: context length and memory.
+
+Both answer before any worker time is spent and before a stream opens, so the
+client gets a plain HTTP error with a message naming the numbers. The worker
+checks again when the request runs (its pool may have changed meanwhile).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from protocol.messages import Hello, Stats
+from proxy.errors import ContextLengthExceeded, InsufficientMemory
+
+
+def check_context(prompt_tokens: int, max_tokens: int, hello: Optional[Hello], max_tokens_given: bool) -> int:
+    """The max_tokens to run with; raises ContextLengthExceeded when the request cannot fit.
+
+    An explicit max_tokens that does not fit is an error; a defaulted one is cut
+    to the room left, since the client asked for nothing in particular.
+    """
+    limit = hello.context_limit if hello is not None else 0
+    if not limit:
+        return max_tokens
+    if prompt_tokens >= limit:
+        raise ContextLengthExceeded(
+            f"the prompt has {prompt_tokens} tokens, which leaves no room in this model's context "
+            f"limit of {limit} tokens",
+            param="messages",
+        )
+    if prompt_tokens + max_tokens > limit:
+        if not max_tokens_given:
+            return limit - prompt_tokens
+        raise ContextLengthExceeded(
+            f"the prompt has {prompt_tokens} tokens and max_tokens asks for {max_tokens}: "
+            f"{prompt_tokens + max_tokens} tokens exceed this model's context limit of {limit} tokens",
+            param="max_tokens",
+        )
+    return max_tokens
+
+
+def check_memory(prompt_tokens: int, max_tokens: int, hello: Optional[Hello], stats: Optional[Stats]) -> None:
+    """Refuse a request that cannot fit in the worker's memory even with its pool emptied."""
+    if hello is None or not hello.memory_limit:
+        return
+    memory = stats.memory if stats is not None else hello.memory
+    pool = stats.pool.bytes if stats is not None else 0
+    fixed = max(0, memory.active - pool)  # weights and the like: what eviction cannot give back
+    layout = hello.layout
+    need = (prompt_tokens + max_tokens) * layout.kv_bytes_per_token + layout.snapshot_bytes + hello.activation_bytes
+    if fixed + need > hello.memory_limit:
+        raise InsufficientMemory(
+            f"this request needs about {need >> 20} MiB ({prompt_tokens} prompt + {max_tokens} new tokens) "
+            f"but the worker's memory budget is {hello.memory_limit >> 20} MiB, of which {fixed >> 20} MiB "
+            "is taken by the model; send a shorter prompt or fewer max_tokens",
+            retry_after=None,
+        )
