@@ -50,8 +50,12 @@ def check_memory(prompt_tokens: int, max_tokens: int, hello: Optional[Hello], st
     need = (prompt_tokens + max_tokens) * layout.kv_bytes_per_token + layout.snapshot_bytes + hello.activation_bytes
     if fixed + need > hello.memory_limit:
         raise InsufficientMemory(
-            f"this request needs about {need >> 20} MiB ({prompt_tokens} prompt + {max_tokens} new tokens) "
-            f"but the worker's memory budget is {hello.memory_limit >> 20} MiB, of which {fixed >> 20} MiB "
-            "is taken by the model; send a shorter prompt or fewer max_tokens",
+            f"this request needs about {_mib(need)} MiB ({prompt_tokens} prompt + {max_tokens} new tokens) "
+            f"but only {_mib(hello.memory_limit - fixed)} MiB of the worker's {_mib(hello.memory_limit)} MiB "
+            "memory budget can be freed for it; send a shorter prompt or fewer max_tokens",
             retry_after=None,
         )
+
+
+def _mib(n: int) -> str:
+    return f"{max(0, n) / 2**20:.1f}"

@@ -280,7 +280,10 @@ class ModelLoop:
             self.outbox.put(Error(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", rid))
         finally:
             self.book.finish()
-            self.io.pool_stats = self.engine.pool_stats()
+            pool = self.engine.pool_stats()
+            self.io.pool_stats = pool
+            # Right behind the Result: the proxy's figures are current when the client reads its reply.
+            self.outbox.put(Stats(memory=memory_stats(pool.bytes), pool=pool, running_request=None))
 
     def _evict(self, command: Evict) -> None:
         try:

@@ -53,5 +53,5 @@ def default_memory_limit(stats: MemoryStats) -> int:
     return int(stats.device_total * 0.9)
 
 
-def _mib(n: int) -> int:
-    return max(0, n) >> 20
+def _mib(n: int) -> str:
+    return f"{max(0, n) / 2**20:.1f}"
