@@ -82,6 +82,7 @@ def worker_views(app: web.Application) -> list[WorkerView]:
                 restarts=getattr(served, "restarts", 0),
                 pool=stats.pool if stats is not None else None,
                 memory=stats.memory if stats is not None else (hello.memory if hello is not None else None),
+                memory_limit=hello.memory_limit if hello is not None else 0,
             )
         )
     return views

@@ -45,6 +45,13 @@ class WorkerOptions:
     disk_cache_bytes: int = 32 * GIB
     memory_limit: int = 0  # per worker; 0: the worker picks its device's budget
     max_kv_size: int = 0  # per request: prompt + max_tokens; 0: the model's context limit
+    log_level: str = "info"
+    log_format: str = "text"
+    log_file: str = ""  # workers log here too, so one rotated file holds everything
+    restart_backoff: float = 0.5  # before the first restart of a dead worker; doubles per failed attempt
+    restart_backoff_max: float = 30.0  # the back-off's cap
+    restart_backoff_reset: float = 60.0  # a worker up this long starts the back-off over when it dies
+    unavailable_timeout: float = 120.0  # requests wait this long for a dead worker to come back, then 503
 
 
 @dataclass(frozen=True)

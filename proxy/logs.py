@@ -1,7 +1,8 @@
 """Log set-up for `serve`: level, text or JSON lines, stderr and optionally a file.
 
 The file handler reopens its file when it was renamed or removed (newsyslog,
-logrotate), so rotation needs no signal.
+logrotate), so rotation needs no signal. With a log file, stderr gets only
+warnings and errors: under launchd stderr is itself a file nobody rotates.
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
-def setup_logging(level: str, fmt: str, log_file: str) -> None:
-    formatter = JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+def setup_logging(level: str, fmt: str, log_file: str, text_format: str = TEXT_FORMAT) -> None:
+    formatter = JsonFormatter() if fmt == "json" else logging.Formatter(text_format)
+    stderr = logging.StreamHandler(sys.stderr)
+    handlers: list[logging.Handler] = [stderr]
     if log_file:
+        stderr.setLevel(logging.WARNING)
         handlers.append(logging.handlers.WatchedFileHandler(log_file))
     root = logging.getLogger()
     for handler in list(root.handlers):

@@ -43,6 +43,7 @@ class WorkerView:
     restarts: int
     pool: Optional[PoolStats]
     memory: Optional[MemoryStats]
+    memory_limit: int = 0  # the worker's memory budget, from its Hello
 
 
 class Metrics:
@@ -172,6 +173,7 @@ class _WorkerCollector(Collector):
                 ("pool_sequences", "Sequences (KV caches) held by the pool"),
                 ("mlx_active_memory_bytes", "MLX active memory of the worker"),
                 ("mlx_peak_memory_bytes", "MLX peak memory of the worker since it started"),
+                ("memory_limit_bytes", "The worker's memory budget"),
                 ("disk_bytes", "Bytes held by the disk tier"),
                 ("disk_entries", "Sequences held by the disk tier"),
             )
@@ -206,6 +208,8 @@ class _WorkerCollector(Collector):
                     counters["disk_read_bytes"].add_metric(m, disk.read_bytes)
                     counters["disk_written_bytes"].add_metric(m, disk.written_bytes)
                     counters["disk_load_seconds"].add_metric(m, disk.load_seconds)
+            if view.memory_limit:
+                gauges["memory_limit_bytes"].add_metric(m, view.memory_limit)
             if view.memory is not None:
                 gauges["mlx_active_memory_bytes"].add_metric(m, view.memory.active)
                 gauges["mlx_peak_memory_bytes"].add_metric(m, view.memory.peak)

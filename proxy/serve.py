@@ -19,6 +19,9 @@ from proxy.options import OptionError, default_cache_dir, resolve
 
 log = logging.getLogger("mlx_cache_proxy")
 
+# The worker's own watchdog allows 15 s to stop plus 120 s to save (worker/main.py).
+WORKER_SAVE_TIMEOUT_S = 140.0
+
 
 def model_specs(models: list[str], workers: list[str]) -> tuple[ModelSpec, ...]:
     """Resolve --model and --worker values; the first model also answers to 'default_model'."""
@@ -72,6 +75,11 @@ def config_from_options(values: dict) -> ProxyConfig:
             disk_cache_bytes=values["disk_cache_bytes"],
             memory_limit=values["memory_limit"],
             max_kv_size=values["max_kv_size"],
+            log_level=values["log_level"],
+            log_format=values["log_format"],
+            log_file=values["log_file"],
+            # A worker writes its pool to the disk tier as it stops: give it the time.
+            stop_timeout=WORKER_SAVE_TIMEOUT_S if cache_dir else WorkerOptions.stop_timeout,
         ),
         default_max_tokens=values["max_tokens"],
         keepalive_interval=values["keepalive_interval"],

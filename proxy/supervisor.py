@@ -55,6 +55,9 @@ def worker_argv(spec: ModelSpec, options: WorkerOptions, endpoint: str) -> list[
         argv += ["--memory-limit", str(options.memory_limit)]
     if options.max_kv_size:
         argv += ["--max-kv-size", str(options.max_kv_size)]
+    argv += ["--log-level", options.log_level, "--log-format", options.log_format]
+    if options.log_file:
+        argv += ["--log-file", options.log_file]
     return argv
 
 

@@ -110,7 +110,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         "--max-kv-size", type=_positive_int, default=None, help="cap on prompt + generated tokens (default: the model's)"
     )
     parser.add_argument("--heartbeat-interval", type=_positive_float, default=2.0, metavar="SECONDS")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"])
+    parser.add_argument("--log-file", default=None, help="also log to this file (reopened after rotation)")
     return parser.parse_args(argv)
 
 
@@ -133,11 +135,10 @@ def install_signal_handlers(stop: StopFlag) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    from proxy.logs import setup_logging
+
+    text_format = f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(message)s"
+    setup_logging(args.log_level, args.log_format, args.log_file or "", text_format)
     stop = StopFlag()
     install_signal_handlers(stop)
 
