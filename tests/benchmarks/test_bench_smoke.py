@@ -1,0 +1,208 @@
+"""The benchmark's workload scripts and oracle on fake token lists: pure logic, no model, no server."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.benchmarks import workloads as wl
+
+
+class FakeTokenizer:
+    """One id per whitespace-separated word; a ChatML-like template that, like
+    chatml-drop-reasoning, renders an assistant's reasoning only after the last user query."""
+
+    def __init__(self) -> None:
+        self.vocab: dict[str, int] = {}
+
+    def ids(self, text: str) -> list[int]:
+        return [self.vocab.setdefault(word, len(self.vocab)) for word in text.split()]
+
+    def apply_chat_template(self, messages, tools=None, add_generation_prompt=False, tokenize=True):
+        last_query = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+        parts = ["<tools> " + " ".join(t["function"]["name"] for t in tools) + " </tools>"] if tools else []
+        for i, m in enumerate(messages):
+            content, reasoning = m["content"], m.get("reasoning_content", "")
+            if "</think>" in content:
+                reasoning, content = content.split("</think>")[0].replace("<think>", ""), content.split("</think>")[-1]
+            if m["role"] == "assistant" and reasoning and i > last_query:
+                content = f"<think> {reasoning} </think> {content}"
+            calls = " ".join(f"<call> {c['function']['name']}" for c in m.get("tool_calls") or [])
+            parts.append(f"<s> {m['role']} {content} {calls} </s>")
+        if add_generation_prompt:
+            parts.append("<s> assistant")
+        return self.ids(" ".join(parts))
+
+
+def label_replier(step: wl.Step):
+    """A reply that depends on the step only, so the same step gets the same reply in any order."""
+    return wl.Reply(f"reply to {step.label.split(':')[-1]} ok"), None
+
+
+def run(script) -> list[wl.Turn]:
+    return wl.replay(script, wl.ChatRenderer(FakeTokenizer()), label_replier)
+
+
+SMALL = wl.SIZES["small"]
+
+
+# ------------------------------------------------------------------ the oracle itself
+
+
+def test_oracle_on_raw_token_lists():
+    prompts = [[1, 2, 3], [1, 2, 3], [1, 2, 9, 5, 6], [7]]
+    histories = [[1, 2, 3, 9], [1, 2, 3, 4], [1, 2, 9, 5, 6, 8], [7, 1]]
+    # exact repeat: capped at len - 1; earlier output counts: [1,2,3,9] shares only [1,2] with [1,2,9,...]
+    assert wl.oracle_cached(prompts, histories) == [0, 2, 2, 0]
+    assert wl.oracle_cached([[1, 2], [1, 2, 9, 5]], [[1, 2, 9], [1, 2, 9, 5, 0]]) == [0, 3]
+
+
+def test_distinct_tokens_counts_shared_prefixes_once():
+    assert wl.distinct_tokens([[1, 2, 3], [1, 2, 4], [1, 2]]) == (4, 2)
+    assert wl.distinct_tokens([]) == (0, 0)
+
+
+def test_history_appends_only_the_rendered_reply():
+    renderer = wl.ChatRenderer(FakeTokenizer())
+    step = wl.Step([{"role": "user", "content": "hello there"}], "x")
+    prompt = renderer.prompt(step)
+    history = renderer.history(step, prompt, wl.Reply("fine thanks"))
+    assert history[: len(prompt)] == prompt
+    assert len(history) == len(prompt) + 3  # "fine thanks </s>"
+
+
+# ------------------------------------------------------------------ workloads
+
+
+def test_exact_repeat_oracle_is_prompt_minus_one():
+    turns = run(wl.repeat(SMALL))
+    assert len(turns) == SMALL.repeats
+    assert turns[0].oracle == 0
+    assert all(t.oracle == len(t.prompt) - 1 for t in turns[1:])
+
+
+def test_chat_oracle_is_the_whole_previous_turn():
+    turns = run(wl.chat(SMALL))
+    assert len(turns) == SMALL.chat_turns
+    for before, turn in zip(turns, turns[1:]):
+        assert turn.prompt[: len(before.history)] == before.history
+        assert turn.oracle == len(before.history)
+
+
+@pytest.mark.parametrize("n_agents", [2, 4, 8])
+def test_agents_oracle_is_each_agents_own_history(n_agents):
+    turns = run(wl.agents(SMALL, n_agents))
+    assert len(turns) == n_agents * SMALL.agent_rounds
+    by_label = {t.label: t for t in turns}
+    system_tokens = len(turns[0].prompt) - len(FakeTokenizer().ids(turns[0].label))  # rough floor
+    for agent in range(n_agents):
+        first = by_label[f"agent{agent}.round0"]
+        if agent:
+            # the shared system prompt (and the user header) from another agent, not this agent's text
+            assert system_tokens // 2 < first.oracle < len(first.prompt) - 1
+        for rnd in range(1, SMALL.agent_rounds):
+            own_before = by_label[f"agent{agent}.round{rnd - 1}"]
+            assert by_label[f"agent{agent}.round{rnd}"].oracle == len(own_before.history)
+
+
+def test_document_oracle_stops_at_the_question():
+    turns = run(wl.document(SMALL))
+    tok = FakeTokenizer()
+    assert len(turns) == SMALL.questions
+    first = turns[0]
+    doc_end = len(tok.apply_chat_template(
+        [{"role": "system", "content": "Answer from the document only."}, {"role": "user", "content": ""}]
+    )) - 1  # without "</s>"
+    for turn in turns[1:]:
+        assert turn.oracle >= doc_end + SMALL.doc_words // 2  # the document, a word being a token here
+        assert turn.oracle == wl.common_prefix(turn.prompt, first.prompt)
+        assert turn.oracle < len(turn.prompt) - 5
+
+
+def test_edit_oracle_stops_at_the_edit():
+    turns = run(wl.edit(SMALL))
+    by_label = {t.label: t for t in turns}
+    mid, last = by_label["edit-mid"], by_label["edit-last"]
+    original_mid = by_label[f"turn{SMALL.edit_turns // 2}"]
+    original_last = by_label[f"turn{SMALL.edit_turns - 1}"]
+    assert mid.oracle == wl.common_prefix(mid.prompt, original_mid.prompt)
+    # the edit sits in the middle of the message, not at its start or end
+    assert len(original_mid.prompt) - 3 - SMALL.chat_user_words < mid.oracle < len(original_mid.prompt) - 5
+    assert last.oracle == wl.common_prefix(last.prompt, original_last.prompt) < len(last.prompt) - 5
+
+
+def test_reasoning_oracle_drops_back_to_the_previous_query_prompt():
+    turns = run(wl.reasoning(SMALL))
+    by_label = {t.label: t for t in turns}
+    assert len(turns) == 2 * SMALL.reasoning_queries
+    for q in range(SMALL.reasoning_queries):
+        call, answer = by_label[f"query{q}.call"], by_label[f"query{q}.answer"]
+        # within a query the reasoning is still rendered: the answer continues the call's history
+        assert answer.oracle == len(call.history)
+        if q:
+            # the next query's prompt no longer holds the reasoning: it leaves the stored history
+            # right after the previous query's generation prompt
+            previous = by_label[f"query{q - 1}.call"]
+            assert call.oracle == len(previous.prompt)
+            assert call.prompt[: len(previous.prompt)] == previous.prompt
+
+
+def test_mix_interleaves_every_script_and_keeps_their_oracles():
+    turns = run(wl.mix(SMALL))
+    names = [t.label.split(":")[0] for t in turns]
+    assert names[:6] == ["chat", "repeat", "agents4", "document", "edit", "reasoning"]
+    alone = {
+        "chat": run(wl.chat(SMALL, 101, turns=max(2, SMALL.chat_turns // 2))),
+        "agents4": run(wl.agents(SMALL, 4, 103, rounds=2)),
+        "edit": run(wl.edit(SMALL, 105, turns=max(2, SMALL.edit_turns // 2))),
+    }
+    for name, own in alone.items():
+        mixed = [t for t in turns if t.label.startswith(name + ":")]
+        assert [t.label.split(":", 1)[1] for t in mixed] == [t.label for t in own]
+        # other scripts can only add the few chat-markup tokens every prompt starts with
+        for m, o in zip(mixed, own):
+            assert o.oracle <= m.oracle <= max(o.oracle, 3)
+
+
+@pytest.mark.parametrize("size", sorted(wl.SIZES))
+@pytest.mark.parametrize("workload", wl.WORKLOADS, ids=lambda w: w.name)
+def test_every_workload_replays(size, workload):
+    turns = run(workload.script(wl.SIZES[size]))
+    assert turns
+    for turn in turns:
+        assert 0 <= turn.oracle <= len(turn.prompt) - 1
+        assert turn.history[: len(turn.prompt)] == turn.prompt
+
+
+# ------------------------------------------------------------------ the benchmark's own bookkeeping
+
+
+def test_log_lines_the_benchmark_reads():
+    from tests.benchmarks import bench_vs_upstream as bench
+
+    shim_line = "2026-11-22 04:24:02,520 - INFO - Prompt Cache exact: 3 sequences, 1287936 bytes"
+    stock_line = "2026-11-22 04:24:02,520 - INFO - Prompt Cache: 3 sequences, 0.00 GB"
+    assert bench.UPSTREAM_BYTES.findall(shim_line) == [("3", "1287936")]
+    assert bench.UPSTREAM_GB.findall(stock_line) == [("3", "0.00")]
+    worker = ("2026-11-22 04:36:08,023 worker[20000] INFO request chatcmpl-14: length; prompt 210, cached 136, "
+              "recomputed 74, generated 12; restored to 136 (prompt_end); restore 0.000s, prefill 0.014s, "
+              "ttft 0.016s, decode 0.021s, total 0.037s")
+    proxy = ("2026-11-22 04:36:08,024 INFO mlx_cache_proxy: request chatcmpl-14 model=default_model status=ok "
+             "prompt=210 cached=136 recomputed=74 generated=12 restore=136/prompt_end queue=0ms ttft=18ms total=39ms")
+    assert bench.WORKER_LOG_TOTAL.findall(worker) == [("chatcmpl-14", "0.037")]
+    assert bench.PROXY_LOG_TOTAL.findall(proxy) == [("chatcmpl-14", "39")]
+
+
+def test_targets_name_every_miss():
+    from tests.benchmarks.bench_vs_upstream import PROXY, UPSTREAM, Row, check_targets
+
+    ours = Row("chat", "llama", PROXY, prompt_tokens=100, cached_tokens=80, oracle_tokens=90, prefill_tokens=20,
+               cache_bytes=2000)
+    theirs = Row("chat", "llama", UPSTREAM, prompt_tokens=100, cached_tokens=85, oracle_tokens=90, prefill_tokens=15,
+                 cache_bytes=1000)
+    speeds = {"llama": {"in_process": {"decode_tps_best": 100.0}, PROXY: {"decode_tps_best": 90.0}}}
+    misses = check_targets([ours, theirs], speeds)
+    assert len(misses) == 5  # < 95% of oracle, cached, prefill, bytes, decode
+    good = Row("chat", "llama", PROXY, prompt_tokens=100, cached_tokens=89, oracle_tokens=90, prefill_tokens=11,
+               cache_bytes=900)
+    assert check_targets([good, theirs], {"llama": {"in_process": {"decode_tps_best": 100.0},
+                                                    PROXY: {"decode_tps_best": 96.0}}}) == []
