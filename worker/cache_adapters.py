@@ -68,6 +68,10 @@ class LayerAdapter:
     def snapshot_nbytes(self, snap: Any) -> int:
         return 0
 
+    def compact(self, cache: Any) -> Any:
+        """Own buffers of exactly the held length (after a fork, which shares the source's)."""
+        return cache
+
     def nbytes(self, cache: Any) -> int:
         return cache.nbytes
 
@@ -122,6 +126,11 @@ class KVAdapter(LayerAdapter):
     def nbytes(self, cache: Any) -> int:
         return 0 if cache.keys is None else _nbytes((cache.keys, cache.values))
 
+    def compact(self, cache: Any) -> Any:
+        if cache.keys is not None:
+            cache.keys, cache.values = _contiguous(cache.keys), _contiguous(cache.values)
+        return cache
+
     def layout_bytes(self, cache: Any) -> tuple[int, int]:
         return _per_token(cache.keys, cache.values), 0
 
@@ -155,6 +164,12 @@ def _unflat(prefix: str, arrays: dict) -> Any:
         return arrays[prefix]
     parts = sorted((int(k.rsplit(".", 1)[1]), v) for k, v in arrays.items() if k.startswith(prefix + "."))
     return tuple(v for _, v in parts)
+
+
+def _contiguous(x: Any) -> Any:
+    if isinstance(x, (tuple, list)):
+        return type(x)(mx.contiguous(v) for v in x)
+    return mx.contiguous(x)
 
 
 def _slice_seq(x: Any, position: int) -> Any:
@@ -268,6 +283,10 @@ class CacheListAdapter(LayerAdapter):
 
     def snapshot_nbytes(self, snap: list) -> int:
         return sum(a.snapshot_nbytes(s) for a, s in zip(self.children, snap or []) if s is not None)
+
+    def compact(self, cache: Any) -> Any:
+        cache.caches = tuple(a.compact(c) for a, c in zip(self.children, cache.caches))
+        return cache
 
     def nbytes(self, cache: Any) -> int:
         return sum(a.nbytes(c) for a, c in zip(self.children, cache.caches))
@@ -396,6 +415,12 @@ class ModelCacheOps:
         """A new cache at `position`, sharing what it can with `cache`, which stays as it is."""
         layers = self._snapshot_layers(position, snap)
         return [a.fork(c, position, s) for a, c, s in zip(self.adapters, cache, layers)]
+
+    def shrink(self, cache: list, position: int, snap: ModelSnapshot | None) -> list:
+        """`cache` cut back to `position` into buffers of exactly that length, freeing the rest."""
+        new = [a.compact(c) for a, c in zip(self.adapters, self.fork(cache, position, snap))]
+        mx.eval([c.state for c in new])
+        return new
 
     def _snapshot_layers(self, position: int, snap: ModelSnapshot | None) -> list:
         if snap is None:

@@ -27,6 +27,9 @@ from worker.trie import Match, Node, TokenTrie
 
 log = logging.getLogger("mlx_cache_proxy.worker")
 
+# A shared prefix shorter than this (a chat template's header) is not worth keeping a sequence for.
+MIN_SHARED_PREFIX = 64
+
 
 class CacheOps(Protocol):
     needs_snapshots: bool
@@ -35,6 +38,7 @@ class CacheOps(Protocol):
     def snapshot(self, cache: Any, position: int) -> Any: ...  # has .nbytes
     def restore(self, cache: Any, position: int, snap: Any) -> Any: ...
     def fork(self, cache: Any, position: int, snap: Any) -> Any: ...
+    def shrink(self, cache: Any, position: int, snap: Any) -> Any: ...
     def nbytes(self, cache: Any) -> int: ...
 
 
@@ -63,6 +67,7 @@ class Sequence:
     nbytes: int = 0
     last_used: int = 0
     node: Node | None = None
+    prefix_only: bool = False  # cut back to a prefix other sequences share: evicted after tails
 
 
 @dataclass
@@ -239,6 +244,7 @@ class CheckpointPool:
             seq = Sequence(next(self._keys), [], lease.cache, prompt_end)
             self.sequences[seq.key] = seq
         seq.cache, seq.prompt_end, seq.last_used = lease.cache, prompt_end, tick
+        seq.prefix_only = False
         seq.nbytes = self.ops.nbytes(seq.cache)
         self._move(seq, list(tokens))
         for t in taken:
@@ -293,7 +299,13 @@ class CheckpointPool:
     # ------------------------------------------------------------- eviction
 
     def evict_to(self, target_bytes: int) -> int:
-        """Evict least-recently-used units until the pool holds <= target_bytes; returns bytes freed."""
+        """Evict until the pool holds <= target_bytes; returns bytes freed.
+
+        Order: sequences another stored sequence covers (nothing is lost); then,
+        least recently used first, unshared checkpoints and the unshared tails of
+        sequences (a sequence is cut back to the prefix it shares with others, or
+        dropped when it shares none worth keeping); shared prefixes last.
+        """
         before = self.nbytes
         while self.nbytes > target_bytes:
             victim = self._next_victim()
@@ -301,33 +313,81 @@ class CheckpointPool:
                 break
             self.evictions += 1
             if isinstance(victim, Sequence):
-                if self.on_evict is not None:
-                    self.on_evict(victim, self.checkpoints_on_path(victim))
-                self._drop_sequence(victim)
+                self._evict_sequence(victim)
             else:
                 node, depth = victim
                 self._forget_checkpoint(node, depth)
         return before - self.nbytes
 
     def _next_victim(self) -> Sequence | tuple[Node, int] | None:
-        """Oldest first; shared prefixes last."""
         # With a disk tier, a sequence leaves whole, with the checkpoints on its path;
         # without one, its snapshots go first and its KV (dearer to recompute) last.
         seq_tier, ckpt_tier = (0, 1) if self.on_evict is not None else (1, 0)
         best, best_key = None, None
         for seq in self.sequences.values():
-            key = (False, seq.last_used, seq_tier)
+            if self._redundant(seq):
+                key = (0, seq.last_used, 0)
+            else:
+                key = (2 if seq.prefix_only else 1, seq.last_used, seq_tier)
             if best_key is None or key < best_key:
                 best, best_key = seq, key
         for node in self.trie.nodes():
             if not node.checkpoints:
                 continue
-            shared = self.trie.entry_count_under(node) > 1
+            group = 2 if self._protects_a_prefix(node) else 1
             for depth, ckpt in node.checkpoints.items():
-                key = (shared, ckpt.last_used, ckpt_tier)
+                key = (group, ckpt.last_used, ckpt_tier)
                 if best_key is None or key < best_key:
                     best, best_key = (node, depth), key
         return best
+
+    def _protects_a_prefix(self, node: Node) -> bool:
+        """Checkpoints here serve a prefix several sequences share, or one kept after its tail went."""
+        entries = [self.sequences[key] for _, key in self.trie.entries_under(node)]
+        return len(entries) > 1 or any(seq.prefix_only for seq in entries)
+
+    def _redundant(self, seq: Sequence) -> bool:
+        """Another stored sequence holds every token of this one (and its checkpoints' path)."""
+        return bool(seq.node.children) or len(seq.node.entries) > 1
+
+    def _evict_sequence(self, seq: Sequence) -> None:
+        redundant = self._redundant(seq)
+        if self.on_evict is not None and not redundant:
+            self.on_evict(seq, self.checkpoints_on_path(seq))
+        keep = None if redundant else self._shared_restore_point(seq)
+        if keep is None:
+            self._drop_sequence(seq)
+        else:
+            self._shrink(seq, *keep)
+
+    def _shared_restore_point(self, seq: Sequence) -> tuple[int, Checkpoint | None] | None:
+        """The deepest restore point within the prefix `seq` shares with other sequences, if worth keeping."""
+        node, branch = seq.node.parent, 0
+        while node is not None and node is not self.trie.root:
+            if self.trie.entry_count_under(node) > 1:
+                branch = node.depth
+                break
+            node = node.parent
+        if branch < MIN_SHARED_PREFIX or branch >= len(seq.tokens):
+            return None
+        if not self.ops.needs_snapshots:
+            return branch, None
+        for path_node in reversed(self.trie.path_to(node)):
+            for depth in sorted(path_node.checkpoints, reverse=True):
+                ckpt = path_node.checkpoints[depth]
+                if MIN_SHARED_PREFIX <= depth <= branch and ckpt.snapshot is not None:
+                    return depth, ckpt
+        return None
+
+    def _shrink(self, seq: Sequence, position: int, ckpt: Checkpoint | None) -> None:
+        """Cut `seq` back to `position`, into buffers of that length: the tail's memory is freed."""
+        snapshot = ckpt.snapshot if ckpt is not None else None
+        seq.cache = self.ops.shrink(seq.cache, position, snapshot)
+        del seq.tokens[position:]
+        seq.prompt_end = min(seq.prompt_end, position)
+        seq.nbytes = self.ops.nbytes(seq.cache)
+        seq.prefix_only = True
+        self._move_to(seq, self.trie.insert(seq.tokens))
 
     def checkpoints_on_path(self, seq: Sequence) -> list[Checkpoint]:
         return [c for node in self.trie.path_to(seq.node) for c in node.checkpoints.values()]

@@ -99,3 +99,30 @@ def test_cache_hits_match_cold_runs(runners):
     assert result[2].restore_point == cut
     assert result[2].restore_kind is (RestoreKind.TRIM if kv_only else RestoreKind.FORK)
     assert_same_as_cold(result, cold.run(third))
+
+
+@pytest.mark.parametrize("arch", ["qwen3_next", "gemma3_text", "llama", "falcon_h1"])
+def test_a_prefix_kept_under_memory_pressure_restores_exactly(tiny_model, arch):
+    """Agents over one system prompt, with a pool too small for them all: tails go, the prefix stays."""
+    path = tiny_model(arch)
+    cold = Runner(path, False)
+    layout = cold.engine.layout
+    # Room for about two agents (KV grows in 256-token steps) and a dozen snapshots.
+    budget = 2 * 256 * layout.kv_bytes_per_token + 12 * layout.snapshot_bytes + 200_000
+    config = EngineConfig(checkpoint_interval=INTERVAL, prefill_step=64, cache_bytes=budget)
+    warm = Runner.__new__(Runner)
+    warm.engine = load_engine(str(path), config)
+    rng = random.Random(5)
+    system = [rng.randrange(20, 600) for _ in range(120)]
+    agents = {a: system + [rng.randrange(20, 600) for _ in range(40)] for a in range(4)}
+    for round_ in range(2):
+        for agent, history in agents.items():
+            prompt = history + [rng.randrange(20, 600) for _ in range(5)]
+            result = warm.run(prompt, hints=[len(system)])
+            if round_ == 1:
+                assert result[2].cached_tokens >= len(system) - INTERVAL, (arch, agent, result[2])
+            assert_same_as_cold(result, cold.run(prompt))
+            agents[agent] = prompt + result[0]
+    pool = warm.engine.pool
+    assert pool.nbytes <= pool.capacity_bytes
+    assert pool.evictions > 0

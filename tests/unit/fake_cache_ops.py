@@ -51,5 +51,8 @@ class FakeOps:
             assert tuple(new) == snap.tokens
         return new
 
+    def shrink(self, cache, position, snap):
+        return self.fork(cache, position, snap)
+
     def nbytes(self, cache):
         return len(cache) * BYTES_PER_TOKEN

@@ -185,3 +185,52 @@ def test_the_lookup_structure_and_the_pool_import_no_mlx():
     code = "import sys, worker.pool, worker.trie; print([m for m in sys.modules if m.startswith('mlx')])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+LONG_SYSTEM = list(range(300, 400))  # 100 tokens: a shared prefix worth keeping
+
+
+def test_an_evicted_conversation_is_cut_back_to_the_prefix_it_shares():
+    pool = make_pool(interval=1000)
+    a = LONG_SYSTEM + [1] * 30
+    b = LONG_SYSTEM + [2] * 30
+    run(pool, a, generated=[5], hints=[100])
+    run(pool, b, generated=[6], hints=[100])
+    pool.evict_to(pool.nbytes - 20 * BYTES_PER_TOKEN)  # a's unshared checkpoints, then its tail
+    (seq_a,) = [s for s in pool.sequences.values() if s.tokens[-1] != 6]
+    assert seq_a.tokens == LONG_SYSTEM and seq_a.prefix_only
+    assert seq_a.nbytes == 100 * BYTES_PER_TOKEN
+    plan = pool.plan(a + [5, 9])
+    assert plan.restore_point == 100  # the system prompt is still there for a
+    assert pool.plan(b + [6, 9]).restore_point == len(b) + 1  # b is whole
+
+
+def test_a_sequence_another_covers_goes_first_whatever_its_age():
+    pool = make_pool(interval=1000)
+    run(pool, LONG_SYSTEM, logits=None)
+    run(pool, LONG_SYSTEM + [1] * 20, generated=[2])  # takes the first over in place: one sequence
+    assert len(pool.sequences) == 1
+    run(pool, LONG_SYSTEM + [3] * 20, hints=[100])  # forks
+    covered = [s for s in pool.sequences.values()]
+    assert len(covered) == 2
+    pool.evict_to(pool.nbytes - 10 * BYTES_PER_TOKEN)
+    # The older sequence's tail went; it now holds the shared prefix, which the other covers.
+    shrunk = [s for s in pool.sequences.values() if s.prefix_only]
+    assert len(shrunk) == 1 and shrunk[0].tokens == LONG_SYSTEM
+    pool.evict_to(pool.nbytes - 1)
+    assert not [s for s in pool.sequences.values() if s.prefix_only]  # covered: dropped first
+    assert len(pool.sequences) == 1 and pool.plan(LONG_SYSTEM + [3] * 20 + [1]).restore_point == 120
+
+
+def test_agents_taking_turns_under_pressure_keep_the_shared_system_prompt():
+    per_agent = (len(LONG_SYSTEM) + 40) * BYTES_PER_TOKEN
+    pool = make_pool(interval=1000, capacity=int(2.5 * per_agent))
+    histories = {agent: LONG_SYSTEM + [1000 + agent] * 30 for agent in range(6)}
+    for round_ in range(3):
+        for agent in range(6):
+            prompt = histories[agent] + [2000 + round_]
+            plan = run(pool, prompt, generated=[7], hints=[len(LONG_SYSTEM)])
+            if round_ > 0:
+                assert plan.restore_point >= len(LONG_SYSTEM), (round_, agent, plan.restore_point)
+            histories[agent] = prompt + [7]
+            assert pool.nbytes <= pool.capacity_bytes
