@@ -18,6 +18,7 @@ import os
 import struct
 import tempfile
 from pathlib import Path
+from typing import IO, Callable
 
 import numpy as np
 
@@ -40,24 +41,18 @@ def write_entry(path: Path, header: dict, arrays: dict[str, tuple[np.ndarray, st
         offset += data.nbytes
     head = json.dumps({**header, "arrays": table}, separators=(",", ":")).encode()
     digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in (MAGIC, struct.pack("<Q", len(head)), head):
-                f.write(chunk)
-                digest.update(chunk)
-            for name, (data, _) in arrays.items():
-                view = memoryview(np.ascontiguousarray(data)).cast("B")
-                f.write(view)
-                digest.update(view)
-            f.write(digest.digest())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+
+    def body(f) -> None:
+        for chunk in (MAGIC, struct.pack("<Q", len(head)), head):
+            f.write(chunk)
+            digest.update(chunk)
+        for data, _ in arrays.values():
+            view = memoryview(np.ascontiguousarray(data)).cast("B")
+            f.write(view)
+            digest.update(view)
+        f.write(digest.digest())
+
+    _write_atomic(path, "wb", body)
     return path.stat().st_size, digest.hexdigest()
 
 
@@ -87,10 +82,15 @@ def read_entry(path: Path) -> tuple[dict, dict[str, tuple[np.ndarray, str]]]:
 
 
 def write_json_atomic(path: Path, value: object) -> None:
+    _write_atomic(path, "w", lambda f: json.dump(value, f, separators=(",", ":")))
+
+
+def _write_atomic(path: Path, mode: str, body: Callable[[IO], None]) -> None:
+    """Write through a temporary file in the same directory: fsync, rename over, fsync the directory."""
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(value, f, separators=(",", ":"))
+        with os.fdopen(fd, mode) as f:
+            body(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from protocol.messages import DiskStats
 from worker.disk_format import TEMP_PREFIX, CorruptEntry, read_entry, write_entry, write_json_atomic
 from worker.state_codec import SavedPoint, export_sequence, from_host, host_ready, import_at
 from worker.trie import TokenTrie
@@ -63,17 +64,6 @@ class DiskHit:
     kind: str
 
 
-@dataclass
-class DiskStats:
-    entries: int = 0
-    bytes: int = 0
-    hits: int = 0
-    read_bytes: int = 0
-    written_bytes: int = 0
-    load_seconds: float = 0.0
-    corrupt: int = 0
-
-
 @dataclass(frozen=True)
 class _Write:
     tokens: list[int]
@@ -87,7 +77,9 @@ class DiskTier:
         self.dir = directory
         self.budget_bytes = budget_bytes
         self.ops = ops
-        self.stats = DiskStats()
+        # Cumulative figures (the protocol's DiskStats is built from them on demand).
+        self.hits = self.read_bytes = self.written_bytes = self.corrupt = 0
+        self.load_seconds = 0.0
         self._entries: dict[str, DiskEntry] = {}
         self._trie = TokenTrie()
         self._lock = threading.Lock()  # guards the index: the writer thread updates it
@@ -142,18 +134,32 @@ class DiskTier:
             cache, logits, snapshot = import_at(self.ops, from_host(host), header["meta"], hit.position)
         except (CorruptEntry, KeyError, ValueError) as exc:
             log.warning("disk checkpoint skipped and removed: %s", exc)
-            self.stats.corrupt += 1
+            self.corrupt += 1
             self._forget(hit.entry.name, delete=True)
             return None
         elapsed = time.perf_counter() - start
         size = path.stat().st_size if path.exists() else hit.entry.nbytes
         self.read_bytes_per_s = 0.5 * self.read_bytes_per_s + 0.5 * size / max(elapsed, 1e-6)
-        self.stats.hits += 1
-        self.stats.read_bytes += size
-        self.stats.load_seconds += elapsed
+        self.hits += 1
+        self.read_bytes += size
+        self.load_seconds += elapsed
         with self._lock:
             hit.entry.last_used = time.time()
         return cache, logits, snapshot
+
+    def stats(self) -> DiskStats:
+        with self._lock:
+            entries, held = len(self._entries), sum(e.nbytes for e in self._entries.values())
+        return DiskStats(
+            entries=entries,
+            bytes=held,
+            capacity_bytes=self.budget_bytes,
+            hits=self.hits,
+            read_bytes=self.read_bytes,
+            written_bytes=self.written_bytes,
+            load_seconds=self.load_seconds,
+            corrupt=self.corrupt,
+        )
 
     def load_seconds_estimate(self, hit: DiskHit) -> float:
         return hit.entry.nbytes / self.read_bytes_per_s
@@ -188,7 +194,7 @@ class DiskTier:
         name = hashlib.sha256(array("q", job.tokens).tobytes()).hexdigest()[:32] + SUFFIX
         header = {"checksum_of": name, "tokens": len(job.tokens), "meta": job.meta}
         nbytes, checksum = write_entry(self.dir / name, header, job.arrays)
-        self.stats.written_bytes += nbytes
+        self.written_bytes += nbytes
         with self._lock:
             self._remove_locked(name)
             self._add_locked(DiskEntry(name, job.tokens, job.points, nbytes, checksum))
@@ -242,7 +248,6 @@ class DiskTier:
             if position <= len(entry.tokens):
                 node = self._trie.insert(entry.tokens[:position])
                 node.checkpoints.setdefault(position, {})[entry.name] = point
-        self.stats.entries, self.stats.bytes = len(self._entries), sum(e.nbytes for e in self._entries.values())
 
     def _remove_locked(self, name: str) -> None:
         entry = self._entries.pop(name, None)
@@ -256,7 +261,6 @@ class DiskTier:
                 if not holders:
                     del n.checkpoints[depth]
         self._trie.detach_entry(node, name)
-        self.stats.entries, self.stats.bytes = len(self._entries), sum(e.nbytes for e in self._entries.values())
 
     def _over_budget_locked(self) -> list[str]:
         total = sum(e.nbytes for e in self._entries.values())

@@ -21,7 +21,6 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from protocol.messages import (
     CacheFacts,
     CacheLayout,
-    DiskStats,
     FinishReason,
     Generate,
     Message,
@@ -162,17 +161,7 @@ class Engine:
         stats = self.pool.stats()
         if self.disk is None:
             return stats
-        d = self.disk.stats
-        disk = DiskStats(
-            entries=d.entries,
-            bytes=d.bytes,
-            capacity_bytes=self.disk.budget_bytes,
-            hits=d.hits,
-            read_bytes=d.read_bytes,
-            written_bytes=d.written_bytes,
-            load_seconds=d.load_seconds,
-            corrupt=d.corrupt,
-        )
+        disk = self.disk.stats()
         return PoolStats(**{**stats.__dict__, "disk": disk})
 
     def close(self) -> None:

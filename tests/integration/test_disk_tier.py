@@ -159,7 +159,7 @@ def test_kill_9_during_writes_leaves_nothing_that_loads_wrong(tiny_model, tmp_pa
         read_entry(path)  # raises if damaged
     (root,) = [p for p in disk.iterdir() if p.is_dir()]
     assert not [p for p in root.iterdir() if p.name.startswith(TEMP_PREFIX)]
-    assert engine.disk.stats.entries >= 1
+    assert engine.disk.stats().entries >= 1
     # And what loads is right: each indexed entry restores and matches a cold run.
     cold = load_engine(model, EngineConfig(cache_enabled=False, prefill_step=64))
     for entry in list(engine.disk._entries.values())[:3]:
