@@ -128,7 +128,8 @@ class KVAdapter(LayerAdapter):
 
     def compact(self, cache: Any) -> Any:
         if cache.keys is not None:
-            cache.keys, cache.values = _contiguous(cache.keys), _contiguous(cache.values)
+            keys, values = _slice_seq(cache.keys, cache.offset), _slice_seq(cache.values, cache.offset)
+            cache.keys, cache.values = _contiguous(keys), _contiguous(values)
         return cache
 
     def layout_bytes(self, cache: Any) -> tuple[int, int]:
@@ -415,6 +416,12 @@ class ModelCacheOps:
         """A new cache at `position`, sharing what it can with `cache`, which stays as it is."""
         layers = self._snapshot_layers(position, snap)
         return [a.fork(c, position, s) for a, c, s in zip(self.adapters, cache, layers)]
+
+    def compact(self, cache: list) -> list:
+        """KV buffers of exactly the held length (they grow in steps of 256 tokens)."""
+        new = [a.compact(c) for a, c in zip(self.adapters, cache)]
+        mx.eval([c.state for c in new])
+        return new
 
     def shrink(self, cache: list, position: int, snap: ModelSnapshot | None) -> list:
         """`cache` cut back to `position` into buffers of exactly that length, freeing the rest."""

@@ -39,6 +39,7 @@ class CacheOps(Protocol):
     def restore(self, cache: Any, position: int, snap: Any) -> Any: ...
     def fork(self, cache: Any, position: int, snap: Any) -> Any: ...
     def shrink(self, cache: Any, position: int, snap: Any) -> Any: ...
+    def compact(self, cache: Any) -> Any: ...
     def nbytes(self, cache: Any) -> int: ...
 
 
@@ -68,6 +69,7 @@ class Sequence:
     last_used: int = 0
     node: Node | None = None
     prefix_only: bool = False  # cut back to a prefix other sequences share: evicted after tails
+    compacted: bool = False  # its KV buffers hold exactly its tokens
 
 
 @dataclass
@@ -244,7 +246,7 @@ class CheckpointPool:
             seq = Sequence(next(self._keys), [], lease.cache, prompt_end)
             self.sequences[seq.key] = seq
         seq.cache, seq.prompt_end, seq.last_used = lease.cache, prompt_end, tick
-        seq.prefix_only = False
+        seq.prefix_only = seq.compacted = False
         seq.nbytes = self.ops.nbytes(seq.cache)
         self._move(seq, list(tokens))
         for t in taken:
@@ -307,6 +309,7 @@ class CheckpointPool:
         dropped when it shares none worth keeping); shared prefixes last.
         """
         before = self.nbytes
+        self._compact_until(target_bytes)
         while self.nbytes > target_bytes:
             victim = self._next_victim()
             if victim is None:
@@ -320,9 +323,17 @@ class CheckpointPool:
         return before - self.nbytes
 
     def _next_victim(self) -> Sequence | tuple[Node, int] | None:
-        # With a disk tier, a sequence leaves whole, with the checkpoints on its path;
-        # without one, its snapshots go first and its KV (dearer to recompute) last.
+        """The next unit to evict: lowest (group, age, tier) first.
+
+        Group 0: sequences another covers. Group 1, least recently used first:
+        checkpoints, and sequences (cut back to a shared prefix, or dropped); a
+        sequence's anchor (the deepest checkpoint on its path, without which a
+        hybrid's KV cannot be restored) only leaves with it. Group 2: what keeps a
+        shared prefix. With a disk tier a sequence leaves before its checkpoints,
+        so it is written whole.
+        """
         seq_tier, ckpt_tier = (0, 1) if self.on_evict is not None else (1, 0)
+        anchors = {id(c) for seq in self.sequences.values() if (c := self._anchor(seq)) is not None}
         best, best_key = None, None
         for seq in self.sequences.values():
             if self._redundant(seq):
@@ -336,15 +347,34 @@ class CheckpointPool:
                 continue
             group = 2 if self._protects_a_prefix(node) else 1
             for depth, ckpt in node.checkpoints.items():
-                key = (group, ckpt.last_used, ckpt_tier)
+                key = (group, ckpt.last_used, 2 if id(ckpt) in anchors else ckpt_tier)
                 if best_key is None or key < best_key:
                     best, best_key = (node, depth), key
         return best
+
+    def _anchor(self, seq: Sequence) -> Checkpoint | None:
+        for node in reversed(self.trie.path_to(seq.node)):
+            depths = [d for d in node.checkpoints if d <= len(seq.tokens)]
+            if depths:
+                return node.checkpoints[max(depths)]
+        return None
 
     def _protects_a_prefix(self, node: Node) -> bool:
         """Checkpoints here serve a prefix several sequences share, or one kept after its tail went."""
         entries = [self.sequences[key] for _, key in self.trie.entries_under(node)]
         return len(entries) > 1 or any(seq.prefix_only for seq in entries)
+
+    def _compact_until(self, target_bytes: int) -> None:
+        """Give back the unused room at the end of KV buffers (grown in steps), oldest first; loses nothing.
+
+        Only under pressure: a compacted sequence copies its KV once more when it grows.
+        """
+        for seq in sorted(self.sequences.values(), key=lambda s: s.last_used):
+            if self.nbytes <= target_bytes:
+                return
+            if not seq.compacted:
+                seq.cache = self.ops.compact(seq.cache)
+                seq.nbytes, seq.compacted = self.ops.nbytes(seq.cache), True
 
     def _redundant(self, seq: Sequence) -> bool:
         """Another stored sequence holds every token of this one (and its checkpoints' path)."""
@@ -386,7 +416,7 @@ class CheckpointPool:
         del seq.tokens[position:]
         seq.prompt_end = min(seq.prompt_end, position)
         seq.nbytes = self.ops.nbytes(seq.cache)
-        seq.prefix_only = True
+        seq.prefix_only = seq.compacted = True
         self._move_to(seq, self.trie.insert(seq.tokens))
 
     def checkpoints_on_path(self, seq: Sequence) -> list[Checkpoint]:

@@ -54,5 +54,8 @@ class FakeOps:
     def shrink(self, cache, position, snap):
         return self.fork(cache, position, snap)
 
+    def compact(self, cache):
+        return cache
+
     def nbytes(self, cache):
         return len(cache) * BYTES_PER_TOKEN

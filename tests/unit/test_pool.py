@@ -234,3 +234,14 @@ def test_agents_taking_turns_under_pressure_keep_the_shared_system_prompt():
                 assert plan.restore_point >= len(LONG_SYSTEM), (round_, agent, plan.restore_point)
             histories[agent] = prompt + [7]
             assert pool.nbytes <= pool.capacity_bytes
+
+
+def test_a_stored_sequence_keeps_its_anchor_while_it_stays():
+    pool = make_pool(interval=8, max_lattice=16)
+    conversations = {k: [k] * 60 for k in (1, 2, 3)}
+    for k, prompt in conversations.items():
+        run(pool, prompt, generated=[k + 10])
+    while pool.sequences:
+        for seq in pool.sequences.values():  # whatever is still stored continues from its end
+            assert pool.plan(seq.tokens + [99]).restore_point == len(seq.tokens)
+        pool.evict_to(pool.nbytes - 1)
