@@ -16,8 +16,10 @@ from typing import AsyncIterator, Awaitable, Callable
 import zmq.asyncio
 from aiohttp import web
 
+from proxy import anthropic_api
+from proxy.anthropic_routes import add_anthropic_routes
 from proxy.config import ProxyConfig
-from proxy.errors import ApiError, InternalError, NotFound
+from proxy.errors import ApiError, InternalError, NotFound, RequestTooLarge
 from proxy.metrics import Metrics, WorkerView
 from proxy.routes import GENERATION_ENTERED, MODEL_ID, add_routes
 from proxy.served_model import ModelRegistry, ServedModel, close_served_model, open_served_model
@@ -31,7 +33,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def create_app(config: ProxyConfig) -> web.Application:
-    app = web.Application(middlewares=[openai_errors], client_max_size=config.max_body_bytes)
+    app = web.Application(middlewares=[api_errors], client_max_size=config.max_body_bytes)
     app[CONFIG] = config
     app[LIFECYCLE] = Lifecycle()
     app[METRICS] = Metrics()
@@ -40,31 +42,43 @@ def create_app(config: ProxyConfig) -> web.Application:
     app.cleanup_ctx.append(workers)
     app.on_shutdown.append(stop_accepting)
     add_routes(app)
+    add_anthropic_routes(app)
     return app
 
 
 @web.middleware
-async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure leaves as an OpenAI error object with the right status."""
+async def api_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as an error object with the right status: Anthropic's on its routes, else OpenAI's."""
     try:
         return await handler(request)
     except ApiError as error:
         if MODEL_ID in request and not request.get(GENERATION_ENTERED):
             request.app[METRICS].observe_refusal(request[MODEL_ID], error.status, error.code)
-        return error.response()
+        return _error_response(request, error)
     except web.HTTPNotFound:
-        return NotFound(f"no route for {request.method} {request.path}").response()
+        return _error_response(request, NotFound(f"no route for {request.method} {request.path}"))
     except web.HTTPMethodNotAllowed as exc:
         error = NotFound(f"{request.method} is not allowed on {request.path}")
         error.status, error.code = 405, "method_not_allowed"
-        response = error.response()
+        response = _error_response(request, error)
         response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
         return response
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[CONFIG].max_body_bytes
+        return _error_response(
+            request, RequestTooLarge(f"the request body is larger than {limit} bytes (--max-body-bytes)")
+        )
     except web.HTTPException:
         raise
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
-        return InternalError("internal error; see the server log").response()
+        return _error_response(request, InternalError("internal error; see the server log"))
+
+
+def _error_response(request: web.Request, error: ApiError) -> web.Response:
+    if anthropic_api.is_anthropic_path(request.path):
+        return anthropic_api.error_response(error)
+    return error.response()
 
 
 def worker_views(app: web.Application) -> list[WorkerView]:
@@ -90,6 +104,8 @@ def worker_views(app: web.Application) -> list[WorkerView]:
 
 async def stop_accepting(app: web.Application) -> None:
     app[LIFECYCLE].accepting = False
+    for served in app[REGISTRY].models if REGISTRY in app else ():
+        served.begin_shutdown()  # queued requests get a 503 now; the running ones go on
     log.info("shutting down: no new requests; waiting for running ones")
 
 

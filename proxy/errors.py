@@ -75,6 +75,12 @@ class ContextLengthExceeded(InvalidRequest):
     code = "context_length_exceeded"
 
 
+class RequestTooLarge(InvalidRequest):
+    """The body is over --max-body-bytes: a 400 invalid_request_error like any other malformed body."""
+
+    code = "request_too_large"
+
+
 class NotFound(ApiError):
     status = 404
     type = "invalid_request_error"

@@ -72,6 +72,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: Optional[int]
+    stop_sequence: Optional[str] = None  # the stop string that ended the text, if one did
 
 
 Event = Union[KeepAlive, Prefill, Output, Finished]
@@ -192,6 +193,7 @@ class Generation:
             prompt_tokens=len(self.job.prompt_tokens),
             completion_tokens=completion_tokens,
             cached_tokens=facts.cached_tokens if facts is not None else None,
+            stop_sequence=self.job.text.stop_string,
         )
 
     def _note_result(self, result: Result) -> None:

@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
-from protocol.messages import SamplingParams
+from protocol.messages import Hello, SamplingParams
 from proxy.errors import InvalidJson, InvalidRequest
 
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
+MAX_TEMPERATURE = 2.0
+SEED_RANGE = (-(2**63), 2**64 - 1)  # int64 as OpenAI documents it, and uint64 as MLX takes it
+MAX_JSON_DEPTH = 100
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 _MISSING = object()
 
@@ -52,9 +57,10 @@ class GenerationOptions:
             top_k=self.top_k,
             min_p=self.min_p,
             repetition_penalty=self.repetition_penalty,
-            seed=self.seed,
             stop_token_ids=list(stop_token_ids),
             top_logprobs=self.top_logprobs,
+            # MLX seeds are unsigned 64-bit; a negative (int64) seed maps onto one deterministically.
+            seed=None if self.seed is None else self.seed % 2**64,
         )
 
 
@@ -78,14 +84,44 @@ class CompletionRequest:
 # ----------------------------------------------------------------- parsing
 
 
+# A lone surrogate can only come in as a \uD800-\uDFFF escape: the raw body is valid UTF-8.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def parse_json_body(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise InvalidJson(f"the request body is not valid UTF-8: {exc}") from exc
+    except json.JSONDecodeError as exc:
         raise InvalidJson(f"the request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise InvalidJson("the request body is nested too deeply") from exc
     if not isinstance(body, dict):
         raise InvalidJson("the request body must be a JSON object")
+    if _nested_deeper_than(body, MAX_JSON_DEPTH):
+        # Copying or rendering it would exhaust Python's recursion limit.
+        raise InvalidJson(f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
+    if _SURROGATE_ESCAPE.search(raw):
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            # A tokenizer cannot encode it, and the reply could not be encoded either.
+            raise InvalidJson("the request body holds an unpaired UTF-16 surrogate (\\uD800-\\uDFFF)") from exc
     return body
+
+
+def _nested_deeper_than(value: Any, limit: int) -> bool:
+    level, depth = [value], 1
+    while level:
+        if depth > limit:
+            return True
+        children: list[Any] = []
+        for node in level:
+            items = node.values() if isinstance(node, dict) else node
+            children.extend(v for v in items if isinstance(v, (dict, list)))
+        level, depth = children, depth + 1
+    return False
 
 
 def requested_model(body: dict[str, Any]) -> Optional[str]:
@@ -102,27 +138,14 @@ def parse_chat_request(body: dict[str, Any], default_max_tokens: int) -> ChatReq
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages must be a non-empty array", param="messages")
     for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise InvalidRequest("each message must be an object", param=f"messages[{i}]")
-        if not isinstance(message.get("role"), str):
-            raise InvalidRequest("each message needs a string role", param=f"messages[{i}].role")
-        content = message.get("content")
-        if content is not None and not isinstance(content, (str, list)):
-            raise InvalidRequest(
-                "content must be a string, an array of content parts, or null",
-                param=f"messages[{i}].content",
-            )
+        _check_message(message, f"messages[{i}]")
     tools = _optional(body, "tools", list)
     if tools is not None:
         for i, tool in enumerate(tools):
-            if not isinstance(tool, dict):
-                raise InvalidRequest("each tool must be an object", param=f"tools[{i}]")
+            _check_tool(tool, f"tools[{i}]")
     tools = tools or None
     tool_choice = body.get("tool_choice")
-    if tool_choice is not None and not isinstance(tool_choice, (str, dict)):
-        raise InvalidRequest("tool_choice must be a string or an object", param="tool_choice")
-    if isinstance(tool_choice, str) and tool_choice not in ("none", "auto", "required"):
-        raise InvalidRequest("tool_choice must be none, auto, required or a function", param="tool_choice")
+    _check_tool_choice(tool_choice, tools)
     if tool_choice == "none":
         tools = None
     template_kwargs = _optional(body, "chat_template_kwargs", dict) or {}
@@ -142,6 +165,133 @@ def parse_chat_request(body: dict[str, Any], default_max_tokens: int) -> ChatReq
         parse_tools=tools is not None,
         template_kwargs=template_kwargs,
     )
+
+
+def _check_message(message: Any, where: str) -> None:
+    if not isinstance(message, dict):
+        raise InvalidRequest("each message must be an object", param=where)
+    role = message.get("role")
+    if not isinstance(role, str):
+        raise InvalidRequest("each message needs a string role", param=f"{where}.role")
+    if role not in ROLES:
+        raise InvalidRequest(
+            f"unknown role {role[:40]!r}; expected one of {', '.join(sorted(ROLES))}", param=f"{where}.role"
+        )
+    content = message.get("content")
+    if content is not None and not isinstance(content, (str, list)):
+        raise InvalidRequest(
+            "content must be a string, an array of content parts, or null", param=f"{where}.content"
+        )
+    if message.get("name") is not None and not isinstance(message["name"], str):
+        raise InvalidRequest("name must be a string", param=f"{where}.name")
+    tool_calls = message.get("tool_calls")
+    if tool_calls is not None:
+        if not isinstance(tool_calls, list) or not all(
+            isinstance(call, dict) and isinstance(call.get("function"), dict) for call in tool_calls
+        ):
+            raise InvalidRequest(
+                "tool_calls must be an array of {type, id, function: {name, arguments}} objects",
+                param=f"{where}.tool_calls",
+            )
+
+
+def _check_tool(tool: Any, where: str) -> None:
+    """A function tool whose parameters, if given, are a JSON schema object."""
+    if not isinstance(tool, dict):
+        raise InvalidRequest("each tool must be an object", param=where)
+    if tool.get("type", "function") != "function":
+        raise InvalidRequest("only tools of type function are supported", param=f"{where}.type")
+    function = tool.get("function")
+    if not isinstance(function, dict):
+        raise InvalidRequest("a tool needs a function object", param=f"{where}.function")
+    name = function.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidRequest("a function needs a non-empty string name", param=f"{where}.function.name")
+    if function.get("description") is not None and not isinstance(function["description"], str):
+        raise InvalidRequest("description must be a string", param=f"{where}.function.description")
+    parameters = function.get("parameters")
+    if parameters is not None:
+        if not isinstance(parameters, dict):
+            raise InvalidRequest("parameters must be a JSON schema object", param=f"{where}.function.parameters")
+        _check_schema(parameters, f"{where}.function.parameters")
+
+
+def _check_tool_choice(tool_choice: Any, tools: Optional[list[dict[str, Any]]]) -> None:
+    if tool_choice is None or tool_choice in ("none", "auto"):
+        return
+    if isinstance(tool_choice, str):
+        if tool_choice != "required":
+            raise InvalidRequest("tool_choice must be none, auto, required or a function", param="tool_choice")
+    elif isinstance(tool_choice, dict):
+        function = tool_choice.get("function")
+        if tool_choice.get("type") != "function" or not isinstance(function, dict):
+            raise InvalidRequest('tool_choice must be {"type": "function", "function": {"name": ...}}', param="tool_choice")
+        names = {t["function"]["name"] for t in tools or ()}
+        if function.get("name") not in names:
+            raise InvalidRequest("tool_choice names a function that is not among the tools", param="tool_choice")
+    else:
+        raise InvalidRequest("tool_choice must be a string or an object", param="tool_choice")
+    if not tools:
+        raise InvalidRequest("tool_choice is only allowed when tools are given", param="tool_choice")
+
+
+_SCHEMA_TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
+_SCHEMA_ONE = ("additionalProperties", "items", "not", "if", "then", "else", "contains", "propertyNames")
+MAX_SCHEMA_DEPTH = 32
+
+
+def _check_schema(schema: Any, where: str, depth: int = 0) -> None:
+    """The structure of a JSON schema: the keywords a template or a parser will read have the right shapes."""
+    if isinstance(schema, bool):
+        return
+    if not isinstance(schema, dict):
+        raise InvalidRequest("a JSON schema must be an object or a boolean", param=where)
+    if depth > MAX_SCHEMA_DEPTH:
+        raise InvalidRequest(f"the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels", param=where)
+    kind = schema.get("type")
+    if kind is not None:
+        kinds = kind if isinstance(kind, list) else [kind]
+        if not kinds or not all(isinstance(k, str) and k in _SCHEMA_TYPES for k in kinds):
+            raise InvalidRequest(
+                f"type must be one of {', '.join(sorted(_SCHEMA_TYPES))} (or an array of them)", param=f"{where}.type"
+            )
+    required = schema.get("required")
+    if required is not None and not (isinstance(required, list) and all(isinstance(r, str) for r in required)):
+        raise InvalidRequest("required must be an array of property names", param=f"{where}.required")
+    if schema.get("enum") is not None and not isinstance(schema["enum"], list):
+        raise InvalidRequest("enum must be an array", param=f"{where}.enum")
+    for key in _SCHEMA_MAPS:
+        value = schema.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise InvalidRequest(f"{key} must be an object of schemas", param=f"{where}.{key}")
+        for name, sub in value.items():
+            _check_schema(sub, f"{where}.{key}.{name}", depth + 1)
+    for key in _SCHEMA_LISTS:
+        value = schema.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, list) or not value:
+            raise InvalidRequest(f"{key} must be a non-empty array of schemas", param=f"{where}.{key}")
+        for i, sub in enumerate(value):
+            _check_schema(sub, f"{where}.{key}[{i}]", depth + 1)
+    for key in _SCHEMA_ONE:
+        value = schema.get(key)
+        if value is None:
+            continue
+        subs = value if key == "items" and isinstance(value, list) else [value]  # draft-4 tuple items
+        for sub in subs:
+            _check_schema(sub, f"{where}.{key}", depth + 1)
+
+
+def check_model_limits(options: GenerationOptions, hello: Optional[Hello]) -> None:
+    """What only the model decides: top_k must leave some of the vocabulary out."""
+    vocab = hello.vocab_size if hello is not None else 0
+    if vocab and options.top_k >= vocab:
+        raise InvalidRequest(f"top_k must be below the vocabulary size {vocab} (0 turns it off)", param="top_k")
 
 
 def parse_completion_request(body: dict[str, Any], default_max_tokens: int) -> CompletionRequest:
@@ -198,14 +348,15 @@ def _options(body: dict[str, Any], max_tokens: int, top_logprobs: int) -> Genera
     if body.get("logit_bias"):
         raise InvalidRequest("logit_bias is not supported", param="logit_bias")
     repetition_penalty = _float(body, "repetition_penalty", 1.0, 0.0, None)
-    seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise InvalidRequest("seed must be an integer", param="seed")
+    seed = _int(body, "seed", None, *SEED_RANGE)
+    top_p = _float(body, "top_p", 1.0, 0.0, 1.0)
+    if top_p == 0.0:
+        raise InvalidRequest("top_p must be greater than 0 and at most 1", param="top_p")
     return GenerationOptions(
         max_tokens=max_tokens,
         # mlx_lm.server's default temperature (greedy), not OpenAI's 1.0.
-        temperature=_float(body, "temperature", 0.0, 0.0, None),
-        top_p=_float(body, "top_p", 1.0, 0.0, 1.0),
+        temperature=_float(body, "temperature", 0.0, 0.0, MAX_TEMPERATURE),
+        top_p=top_p,
         top_k=_int(body, "top_k", 0, 0, None),
         min_p=_float(body, "min_p", 0.0, 0.0, 1.0),
         # mlx_lm.server treats 0 as "off"; the worker's "off" is 1.0.
@@ -260,7 +411,7 @@ def _float(body: dict[str, Any], name: str, default: float, lo: Optional[float],
     return float(value)
 
 
-def _int(body: dict[str, Any], name: str, default: int, lo: Optional[int], hi: Optional[int]) -> int:
+def _int(body: dict[str, Any], name: str, default: Any, lo: Optional[int], hi: Optional[int]) -> Any:
     value = body.get(name)
     if value is None:
         return default

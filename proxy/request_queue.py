@@ -5,6 +5,12 @@ order, and only when the previous request has finished with the worker (its
 last message arrived, not merely its last byte sent to the client). At most
 `max_waiting` requests wait; one more is refused at once with `QueueFull`, so a
 client gets a 429 rather than a long silent wait.
+
+While the worker is down (dead, hung, being restarted) the queue is *held*: the
+turn is not handed out, so nothing queued is sent to a dead worker; `resume`
+hands it out again. `fail_waiting` answers waiting requests with an error
+instead (the worker stayed down too long), and `close` does that for good (the
+proxy is shutting down).
 """
 
 from __future__ import annotations
@@ -14,15 +20,17 @@ import math
 import time
 from collections import deque
 from enum import Enum
-from typing import Optional
+from typing import Callable, Optional
 
-from proxy.errors import QueueFull
+from proxy.errors import ApiError, QueueFull
+
+ErrorFactory = Callable[[], ApiError]
 
 
 class TicketState(str, Enum):
     WAITING = "waiting"
     RUNNING = "running"
-    DONE = "done"
+    DONE = "done"  # released, or failed while waiting
 
 
 class Ticket:
@@ -32,16 +40,25 @@ class Ticket:
         self._queue = queue
         self._turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.state = TicketState.WAITING
+        self.entered_at = time.monotonic()
         self.started_at: Optional[float] = None
+        self.error: Optional[ApiError] = None  # why the request will never get the turn
 
     async def wait(self, timeout: Optional[float] = None) -> bool:
-        """Wait for this ticket's turn; False if `timeout` seconds passed first."""
+        """Wait for this ticket's turn; False if `timeout` seconds passed first.
+
+        Raises the ticket's error when the queue gave up on it while it waited.
+        """
+        if self.error is not None:
+            raise self.error
         if self.state is TicketState.DONE:
             raise RuntimeError("ticket already released")
         try:
             await asyncio.wait_for(asyncio.shield(self._turn), timeout)
         except asyncio.TimeoutError:
             return False
+        if self.error is not None:
+            raise self.error
         return True
 
     @property
@@ -65,6 +82,12 @@ class Ticket:
         if not self._turn.done():
             self._turn.set_result(None)
 
+    def _fail(self, error: ApiError) -> None:
+        self.state = TicketState.DONE
+        self.error = error
+        if not self._turn.done():
+            self._turn.set_result(None)  # wakes the waiter, which raises `error`
+
 
 class RequestQueue:
     """A FIFO where one request runs and at most `max_waiting` wait."""
@@ -76,6 +99,8 @@ class RequestQueue:
         self._waiting: deque[Ticket] = deque()
         self._running: Optional[Ticket] = None
         self._mean_service_s = 1.0  # moving average of how long a turn lasts
+        self._held = False  # the worker is down: keep the turn until `resume`
+        self._refusal: Optional[ErrorFactory] = None  # closed: what every new request gets
 
     @property
     def waiting(self) -> int:
@@ -85,15 +110,25 @@ class RequestQueue:
     def running(self) -> bool:
         return self._running is not None
 
+    @property
+    def held(self) -> bool:
+        return self._held
+
     def enter(self) -> Ticket:
-        """A ticket for a new request; raises `QueueFull` when the queue is full."""
-        if self._running is not None and len(self._waiting) >= self.max_waiting:
+        """A ticket for a new request; raises `QueueFull` when the queue is full.
+
+        A closed queue raises its closing error instead.
+        """
+        if self._refusal is not None:
+            raise self._refusal()
+        busy = self._running is not None or self._held
+        if busy and len(self._waiting) >= self.max_waiting:
             raise QueueFull(
                 f"the queue for this model is full ({self.max_waiting} waiting); retry later",
                 retry_after=self.retry_after(),
             )
         ticket = Ticket(self)
-        if self._running is None:
+        if not busy:
             self._running = ticket
             ticket._start()
         else:
@@ -104,10 +139,37 @@ class RequestQueue:
         """Seconds until a slot is likely free, for the Retry-After header."""
         return max(1, math.ceil(self._mean_service_s * (len(self._waiting) + 1)))
 
+    # ------------------------------------------------------------ worker down / shutting down
+
+    def hold(self) -> None:
+        """Stop handing out the turn (the worker is down); waiting requests keep their places."""
+        self._held = True
+
+    def resume(self) -> None:
+        """Hand out the turn again (the worker is back)."""
+        self._held = False
+        self._hand_on()
+
+    def fail_waiting(self, error: ErrorFactory, entered_before: Optional[float] = None) -> int:
+        """Answer waiting requests (those that entered before `entered_before`, or all) with an error."""
+        failed = [t for t in self._waiting if entered_before is None or t.entered_at <= entered_before]
+        for ticket in failed:
+            self._waiting.remove(ticket)
+            ticket._fail(error())
+        return len(failed)
+
+    def close(self, error: ErrorFactory) -> int:
+        """Fail every waiting request and refuse new ones with `error`; the running one runs on."""
+        self._refusal = error
+        return self.fail_waiting(error)
+
+    # ------------------------------------------------------------ internals
+
     def _position(self, ticket: Ticket) -> int:
         if ticket.state is not TicketState.WAITING:
             return 0
-        return self._waiting.index(ticket) + (1 if self._running is not None else 0)
+        ahead = 1 if self._running is not None or self._held else 0
+        return self._waiting.index(ticket) + ahead
 
     def _release(self, ticket: Ticket) -> None:
         if ticket.state is TicketState.DONE:
@@ -122,7 +184,11 @@ class RequestQueue:
             self._mean_service_s = 0.8 * self._mean_service_s + 0.2 * took
         if self._running is ticket:
             self._running = None
-            if self._waiting:
-                nxt = self._waiting.popleft()
-                self._running = nxt
-                nxt._start()
+            self._hand_on()
+
+    def _hand_on(self) -> None:
+        if self._held or self._running is not None or not self._waiting:
+            return
+        nxt = self._waiting.popleft()
+        self._running = nxt
+        nxt._start()

@@ -1,7 +1,8 @@
 """Generation events -> an HTTP response: one JSON body, or an SSE stream.
 
 `ChatFormat` and `TextFormat` say how chat and text completions look; the two
-responders are the same for both.
+responders are the same for both. A `Responder` is what a generating route
+answers with (`OpenAIResponder` here; the Messages API has its own).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class ChatFormat:
         if delta.content:
             body["content"] = delta.content
         if delta.reasoning:
-            body["reasoning"] = delta.reasoning
+            body["reasoning_content"] = delta.reasoning
         if delta.tool_calls:
             body["tool_calls"] = delta.tool_calls
         if not body and not logprobs:
@@ -64,7 +65,7 @@ class ChatFormat:
         d = collected.delta
         return api.chat_completion(
             ident,
-            api.chat_message(d.content, d.reasoning, d.tool_calls),
+            _chat_message(d),
             finished.finish_reason,
             _usage(finished),
             api.chat_logprobs(collected.logprobs) if collected.logprobs else None,
@@ -93,6 +94,15 @@ class TextFormat:
             _usage(finished),
             api.completion_logprobs(collected.logprobs) if collected.logprobs else None,
         )
+
+
+def _chat_message(delta: OutputDelta) -> dict[str, Any]:
+    # reasoning_content, as the chat templates read it back; not also "reasoning":
+    # clients that read both fields show the reasoning twice.
+    message = api.chat_message(delta.content, "", delta.tool_calls)
+    if delta.reasoning:
+        message["reasoning_content"] = delta.reasoning
+    return message
 
 
 def _usage(finished: Finished) -> dict[str, Any]:
@@ -143,6 +153,26 @@ async def stream_response(
     except ApiError as error:
         await stream.error(error)
         raise
+
+
+class Responder(Protocol):
+    """How a generating route answers: one JSON body, or events on an open SSE stream."""
+
+    async def whole(self, generation: Generation, ident: ResponseIdentity) -> web.Response: ...
+
+    async def stream(self, stream: EventStream, generation: Generation, ident: ResponseIdentity) -> None:
+        """Raises the ApiError that ended the stream, after sending it as the stream's error event."""
+
+
+@dataclass(frozen=True)
+class OpenAIResponder:
+    fmt: ResponseFormat
+
+    async def whole(self, generation: Generation, ident: ResponseIdentity) -> web.Response:
+        return await whole_response(generation, self.fmt, ident)
+
+    async def stream(self, stream: EventStream, generation: Generation, ident: ResponseIdentity) -> None:
+        await stream_response(stream, generation, self.fmt, ident, generation.job.options.include_usage)
 
 
 def cache_headers(generation: Generation) -> dict[str, str]:

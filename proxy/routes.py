@@ -2,7 +2,8 @@
 
 A generating handler reads the body, finds the model (or forwards to the
 upstream), validates, tokenizes off the event loop, then runs a `Generation`
-and answers with one JSON body or an SSE stream.
+and answers with one JSON body or an SSE stream. The Anthropic Messages API
+(`proxy.anthropic_routes`) goes the same way, with its own parsing and responder.
 """
 
 from __future__ import annotations
@@ -21,12 +22,11 @@ from proxy.errors import (
     ModelNotFound,
     NotFound,
     ShuttingDown,
-    WorkerUnavailable,
 )
 from proxy.generation import Generation, GenerationJob, GenerationSettings
 from proxy.guards import check_context, check_memory
 from proxy.openai_api import ResponseIdentity
-from proxy.responders import ChatFormat, ResponseFormat, TextFormat, stream_response, whole_response
+from proxy.responders import ChatFormat, OpenAIResponder, Responder, TextFormat
 from proxy.served_model import ServedModel
 from proxy.sse import ClientGone, EventStream
 from proxy.state import CONFIG, LIFECYCLE, METRICS, REGISTRY, UPSTREAM_SESSION
@@ -38,11 +38,11 @@ STARTED = int(time.time())
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await _serve_generation(request, _prepare_chat, ChatFormat(), "chatcmpl")
+    return await _serve_generation(request, _prepare_chat, OpenAIResponder(ChatFormat()), "chatcmpl")
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    return await _serve_generation(request, _prepare_text, TextFormat(), "cmpl")
+    return await _serve_generation(request, _prepare_text, OpenAIResponder(TextFormat()), "cmpl")
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -82,7 +82,7 @@ async def not_found(request: web.Request) -> web.Response:
 
 
 async def _serve_generation(
-    request: web.Request, prepare: Prepare, fmt: ResponseFormat, id_prefix: str
+    request: web.Request, prepare: Prepare, responder: Responder, id_prefix: str
 ) -> web.StreamResponse:
     app = request.app
     body_bytes = await request.read()
@@ -90,20 +90,11 @@ async def _serve_generation(
     name = api.requested_model(body)
     served = app[REGISTRY].lookup(name)
     if served is None:
-        upstream = app[CONFIG].upstream
-        if upstream is not None:
-            try:
-                return await forward(request, body_bytes, app[UPSTREAM_SESSION], upstream)
-            except ClientGone:
-                return web.Response(status=499)
-        raise ModelNotFound(f"the model {name!r} does not exist", param="model")
+        return await _forward_or_not_found(request, body_bytes, name)
     request[MODEL_ID] = served.model_id
     if not app[LIFECYCLE].accepting:
         raise ShuttingDown("the server is shutting down", retry_after=5)
-    if not served.client.alive:
-        raise WorkerUnavailable(
-            f"the worker for {served.model_id} is unavailable: {served.client.failure}", retry_after=5
-        )
+    served.check_available()  # a worker being restarted is waited for, in the queue
     request_id = f"{id_prefix}-{uuid.uuid4().hex}"
     job = _guarded(served, await prepare(request, served, body, request_id), body)
     ident = ResponseIdentity(request_id, name or served.model_id)
@@ -112,17 +103,28 @@ async def _serve_generation(
         async with Generation(served, job, _settings(request)) as generation:
             request[GENERATION_ENTERED] = True
             if not job.options.stream:
-                return await whole_response(generation, fmt, ident)
+                return await responder.whole(generation, ident)
             stream = EventStream(request)
             await stream.open()
             try:
-                await stream_response(stream, generation, fmt, ident, job.options.include_usage)
+                await responder.stream(stream, generation, ident)
             except ApiError as error:  # already sent as the stream's error event
                 generation.note_error(error)
             return stream.response
     except ClientGone:
         assert stream is not None
         return stream.response
+
+
+async def _forward_or_not_found(request: web.Request, body_bytes: bytes, name: Optional[str]) -> web.StreamResponse:
+    """A request for a model no worker here serves: the upstream's answer, or a 404."""
+    upstream = request.app[CONFIG].upstream
+    if upstream is None:
+        raise ModelNotFound(f"the model {name!r} does not exist", param="model")
+    try:
+        return await forward(request, body_bytes, request.app[UPSTREAM_SESSION], upstream)
+    except ClientGone:
+        return web.Response(status=499)
 
 
 # Set on the request for the error middleware: which model, and whether a Generation
@@ -145,6 +147,7 @@ def _guarded(served: ServedModel, job: GenerationJob, body: dict[str, Any]) -> G
     """The job with max_tokens fitted to the context; refuses what cannot fit in context or memory."""
     given = any(body.get(key) is not None for key in ("max_tokens", "max_completion_tokens"))
     prompt = len(job.prompt_tokens)
+    api.check_model_limits(job.options, served.client.hello)
     max_tokens = check_context(prompt, job.options.max_tokens, served.client.hello, given)
     check_memory(prompt, max_tokens, served.client.hello, served.client.stats)
     if max_tokens == job.options.max_tokens:
@@ -155,14 +158,20 @@ def _guarded(served: ServedModel, job: GenerationJob, body: dict[str, Any]) -> G
 async def _prepare_chat(
     request: web.Request, served: ServedModel, body: dict[str, Any], request_id: str
 ) -> GenerationJob:
-    config = request.app[CONFIG]
-    chat = api.parse_chat_request(body, config.default_max_tokens)
+    chat = api.parse_chat_request(body, request.app[CONFIG].default_max_tokens)
+    return await _chat_job(request, served, chat, request_id)
+
+
+async def _chat_job(
+    request: web.Request, served: ServedModel, chat: api.ChatRequest, request_id: str
+) -> GenerationJob:
+    """A chat, rendered with the model's template and checkpoint hints, as a job (both chat APIs)."""
     rendered = await served.in_tokenizer_thread(
         served.tokenizer.render_chat,
         chat.messages,
         tools=chat.tools,
         template_kwargs=chat.template_kwargs,
-        max_hints=config.max_hints,
+        max_hints=request.app[CONFIG].max_hints,
     )
     _check_prompt(served, rendered.tokens)
     text = served.tokenizer.text_output(

@@ -1,8 +1,10 @@
-"""A served model: its worker (process and socket), its queue and its tokenizer.
+"""A served model: its supervised worker, its queue and its tokenizer.
 
-`open_served_model` brings one up (start the process, handshake, load the
+`open_served_model` brings one up (start the worker, handshake, load the
 tokenizer); `close_served_model` takes it down in the reverse order.
-`ModelRegistry` maps request `model` names, aliases included, to them.
+`begin_shutdown` is the first step of a graceful stop: waiting requests get a
+clean 503 and the worker is no longer restarted, while the running request
+goes on. `ModelRegistry` maps request `model` names, aliases included, to them.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import zmq.asyncio
 
 from proxy.chat import ChatTokenizer
 from proxy.config import ModelSpec, ProxyConfig
+from proxy.errors import ShuttingDown
 from proxy.request_queue import RequestQueue
-from proxy.supervisor import WorkerProcess
+from proxy.supervisor import WorkerProcess, WorkerState, WorkerSupervisor
 from proxy.worker_client import WorkerClient, WorkerStartError
 
 log = logging.getLogger("mlx_cache_proxy")
@@ -31,10 +34,9 @@ T = TypeVar("T")
 @dataclass
 class ServedModel:
     spec: ModelSpec
-    client: WorkerClient
+    supervisor: WorkerSupervisor
     queue: RequestQueue
     tokenizer: ChatTokenizer
-    process: Optional[WorkerProcess] = None
     # Tokenizing and template rendering run here, off the event loop, one at a time.
     tokenizer_thread: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
@@ -44,6 +46,36 @@ class ServedModel:
     @property
     def model_id(self) -> str:
         return self.spec.model_id
+
+    @property
+    def client(self) -> WorkerClient:
+        """The current worker's client (a dead worker's until its replacement is up)."""
+        assert self.supervisor.client is not None
+        return self.supervisor.client
+
+    @property
+    def process(self) -> Optional[WorkerProcess]:
+        """The local worker process (None for a remote worker)."""
+        return self.supervisor.process
+
+    @property
+    def restarts(self) -> int:
+        return self.supervisor.restarts
+
+    @property
+    def worker_state(self) -> WorkerState:
+        return self.supervisor.state
+
+    def check_available(self) -> None:
+        """Raise `WorkerUnavailable` when a new request should not queue (the worker stayed down)."""
+        self.supervisor.check_available()
+
+    def begin_shutdown(self) -> None:
+        """Refuse new requests, answer the waiting ones with a 503, restart nothing more."""
+        failed = self.queue.close(lambda: ShuttingDown("the server is shutting down", retry_after=5))
+        if failed:
+            log.info("shutting down: %d queued request(s) for %s answered with 503", failed, self.model_id)
+        self.supervisor.stop_restarting()
 
     async def in_tokenizer_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -63,38 +95,19 @@ async def open_served_model(
     endpoint: str,
 ) -> ServedModel:
     """Start (or reach) the worker for `spec`, handshake, load the tokenizer."""
-    options = config.worker
-    process = None
-    if spec.endpoint is None:
-        process = await WorkerProcess.start(spec, options, endpoint)
-    else:
-        endpoint = spec.endpoint
-    client = WorkerClient(
-        spec.model_id,
-        endpoint,
-        context=context,
-        heartbeat_interval=options.heartbeat_interval,
-        heartbeat_timeout=options.heartbeat_timeout,
-    )
+    queue = RequestQueue(config.max_queue)
+    supervisor = WorkerSupervisor(spec, config.worker, endpoint, context, queue)
     try:
         # On this (the main) thread: mlx_lm imports MLX, whose thread-local state
         # must not belong to an executor thread that exits during interpreter
         # shutdown (its destructor then aborts the process).
         tokenizer = ChatTokenizer.load(spec.path) if spec.path is not None else None
-        hello = await client.connect(options.start_timeout, exited=process.exited if process else None)
+        hello = await supervisor.start()
         if tokenizer is None:
             tokenizer = ChatTokenizer.load(_tokenizer_path(spec, hello.model_id))
     except BaseException:
-        await client.close(shutdown=process is not None)
-        if process is not None:
-            await process.stop(timeout=0.5)
+        await supervisor.close()
         raise
-    if process is not None:
-        process.exited.add_done_callback(
-            lambda task: client.fail(f"worker process exited with code {task.result()}")
-            if not task.cancelled()
-            else None
-        )
     log.info(
         "worker for %s ready: pid %d, context %d, cache %s, layers %s",
         spec.model_id,
@@ -103,13 +116,7 @@ async def open_served_model(
         "on" if hello.cache_enabled else "off",
         ",".join(sorted(set(hello.layout.layer_kinds))),
     )
-    return ServedModel(
-        spec=spec,
-        client=client,
-        queue=RequestQueue(config.max_queue),
-        tokenizer=tokenizer,
-        process=process,
-    )
+    return ServedModel(spec=spec, supervisor=supervisor, queue=queue, tokenizer=tokenizer)
 
 
 def _tokenizer_path(spec: ModelSpec, hello_model_id: str) -> Path:
@@ -128,12 +135,12 @@ def _tokenizer_path(spec: ModelSpec, hello_model_id: str) -> Path:
 
 
 async def close_served_model(served: ServedModel, config: ProxyConfig) -> None:
-    await served.client.close(shutdown=served.process is not None)
+    served.begin_shutdown()  # in case on_shutdown did not run (start-up failed half-way)
     for task in list(served.background):
         task.cancel()
     await asyncio.gather(*served.background, return_exceptions=True)
+    await served.supervisor.close()
     if served.process is not None:
-        await served.process.stop(config.worker.stop_timeout)
         log.info("worker for %s stopped (exit code %s)", served.model_id, served.process.returncode)
     # Joined, not left behind: no thread may still be exiting when Python finalizes.
     served.tokenizer_thread.shutdown(wait=True, cancel_futures=True)

@@ -1,4 +1,5 @@
-"""Server-sent events, as OpenAI streams them: `data: {json}` lines, `data: [DONE]` last.
+"""Server-sent events, as OpenAI streams them: `data: {json}` lines, `data: [DONE]` last;
+and as Anthropic streams them: named `event:` lines, no [DONE].
 
 Comment lines (`: ...`) keep idle connections open while a request waits in
 the queue or prefills. A write to a client that has gone raises `ClientGone`
@@ -38,6 +39,9 @@ class EventStream:
     async def data(self, payload: dict[str, Any]) -> None:
         await self._write(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n")
 
+    async def event(self, name: str, payload: dict[str, Any]) -> None:
+        await self._write(f"event: {name}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n")
+
     async def comment(self, text: str) -> None:
         await self._write(f": {text}\n\n")
 
@@ -49,6 +53,11 @@ class EventStream:
     async def done(self) -> None:
         if not self.closed:
             await self._write("data: [DONE]\n\n")
+            await self.end()
+
+    async def end(self) -> None:
+        """The end of the stream, without OpenAI's [DONE]."""
+        if not self.closed:
             self.closed = True
             try:
                 await self.response.write_eof()

@@ -80,6 +80,7 @@ class TextOutput:
         self._parse_tools = parse_tools
         self._tool_text = ""
         self.stopped = False  # a stop string ended the text
+        self.stop_string: Optional[str] = None  # which one
         self.tool_calls_made = 0
         self._machine = None
         self._machine_state: Any = None
@@ -117,6 +118,7 @@ class TextOutput:
             return out
         index = find_stop(self._pending, self._stops)
         if index >= 0:
+            self.stop_string = next(stop for stop in self._stops if self._pending.find(stop) == index)
             out, self._pending = self._pending[:index], ""
             self.stopped = True
             return out

@@ -6,7 +6,11 @@ per-request messages to that request's `RequestChannel`, keeps the latest
 Stats, and notices silence. A watchdog task pings a quiet worker and declares
 it dead after `heartbeat_timeout` seconds without a frame; whoever watches the
 process (`proxy.supervisor`) calls `fail` when it exits. A dead worker fails
-every in-flight request with `WorkerUnavailable`.
+every in-flight request with `WorkerUnavailable`, after telling `on_failure`
+(the supervisor, which holds the queue and restarts the worker).
+
+One client is one incarnation of a worker: after a failure it is closed, and a
+restarted (or reconnected) worker gets a new client with a fresh socket.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Awaitable, Optional, Union
+from typing import Awaitable, Callable, Optional, Union
 
 import zmq
 import zmq.asyncio
@@ -93,8 +97,10 @@ class WorkerClient:
         context: zmq.asyncio.Context,
         heartbeat_interval: float,
         heartbeat_timeout: float,
+        on_failure: Optional[Callable[[str], None]] = None,
     ) -> None:
         self.name = name
+        self.on_failure = on_failure  # called once, when the worker first counts as dead
         self.endpoint = endpoint
         self._heartbeat_interval = heartbeat_interval
         self._heartbeat_timeout = heartbeat_timeout
@@ -201,9 +207,13 @@ class WorkerClient:
             self.failure = reason
             if not self._closed:
                 log.error("worker for %s is unavailable: %s", self.name, reason)
+                if self.on_failure is not None:
+                    # Before the requests hear of it, so the queue is held before a turn moves on.
+                    self.on_failure(reason)
         channels, self._channels = self._channels, {}
         for channel in channels.values():
-            channel._put(WorkerUnavailable(f"the worker for {self.name} is unavailable: {reason}"))
+            # Retry-After: a dead worker is restarted at once, and a retry waits for it in the queue.
+            channel._put(WorkerUnavailable(f"the worker for {self.name} is unavailable: {reason}", retry_after=1))
 
     # ------------------------------------------------------------ requests
 

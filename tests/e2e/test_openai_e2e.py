@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
 import signal
 import sys
@@ -297,7 +296,8 @@ def test_non_streamed_client_that_gives_up_aborts_its_generation(proxy, long_run
     gone_before = proxy.log().count("status=client_gone")
     c = client(proxy)
     with pytest.raises(openai.APITimeoutError):
-        c.chat.completions.create(model="default_model", messages=long_running, max_tokens=20000, timeout=1.0)
+        # 0.3s: the reply runs >= PROBE_TOKENS tokens, which an idle machine decodes in under a second.
+        c.chat.completions.create(model="default_model", messages=long_running, max_tokens=20000, timeout=0.3)
     started = time.monotonic()
     c.chat.completions.create(model="default_model", messages=[{"role": "user", "content": "next"}], max_tokens=2)
     assert time.monotonic() - started < 5.0
@@ -325,23 +325,6 @@ def test_remote_worker_is_used_and_left_running(tiny_model, log_dir):
     finally:
         stop(server)
         stop(worker)
-
-
-def test_dead_worker_fails_requests_with_a_typed_error(tiny_model, log_dir, long_running):
-    with running_proxy(tiny_model, log_dir, name="doomed") as server:
-        pid = health(server)["workers"][0]["pid"]
-        c = client(server)
-        stream = c.chat.completions.create(model="default_model", messages=long_running, max_tokens=20000, stream=True)
-        next(iter(stream))
-        os.kill(pid, signal.SIGKILL)
-        with pytest.raises(openai.APIError) as info:
-            for _ in stream:
-                pass
-        assert "unavailable" in str(info.value.message)
-        with pytest.raises(openai.InternalServerError) as info:
-            c.chat.completions.create(model="default_model", messages=[{"role": "user", "content": "x"}], max_tokens=2)
-        assert info.value.status_code == 503
-        assert health(server)["status"] == "degraded"
 
 
 def test_sigterm_lets_the_running_request_finish(tiny_model, log_dir, long_running):

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from proxy.errors import QueueFull
+from proxy.errors import QueueFull, ShuttingDown, WorkerUnavailable
 from proxy.request_queue import RequestQueue, TicketState
 
 
@@ -123,4 +123,67 @@ async def test_release_is_idempotent_and_context_manager_releases():
         assert ticket.state is TicketState.RUNNING
     assert ticket.state is TicketState.DONE
     ticket.release()
+    assert not queue.running
+
+
+# ----------------------------------------------------------------- worker down, shutting down
+
+
+async def test_held_queue_keeps_the_turn_until_resumed():
+    queue = RequestQueue(max_waiting=5)
+    running = queue.enter()
+    queued = queue.enter()
+    queue.hold()  # the worker died under `running`
+    running.release()
+    assert queued.state is TicketState.WAITING and not queue.running
+    assert queued.position == 1  # the restart is ahead of it
+    late = queue.enter()  # a request arriving while the worker is down waits too
+    assert late.state is TicketState.WAITING
+    queue.resume()
+    assert queued.state is TicketState.RUNNING and await queued.wait(0.1)
+    queued.release()
+    assert late.state is TicketState.RUNNING
+    late.release()
+
+
+async def test_held_queue_counts_the_bound():
+    queue = RequestQueue(max_waiting=1)
+    queue.hold()
+    queue.enter()
+    with pytest.raises(QueueFull):
+        queue.enter()
+
+
+async def test_fail_waiting_wakes_waiters_with_the_error():
+    queue = RequestQueue(max_waiting=5)
+    running = queue.enter()
+    old = queue.enter()
+    cutoff = old.entered_at
+    await asyncio.sleep(0.01)
+    new = queue.enter()
+    waiter = asyncio.create_task(old.wait())
+    await asyncio.sleep(0)
+    assert queue.fail_waiting(lambda: WorkerUnavailable("gone"), entered_before=cutoff) == 1
+    with pytest.raises(WorkerUnavailable):
+        await waiter
+    assert old.state is TicketState.DONE
+    old.release()  # idempotent after a failure
+    assert queue.waiting == 1 and new.position == 1
+    running.release()
+    assert new.state is TicketState.RUNNING
+    new.release()
+
+
+async def test_closed_queue_fails_waiting_and_refuses_new_but_lets_the_running_one_finish():
+    queue = RequestQueue(max_waiting=5)
+    running = queue.enter()
+    waiting = [queue.enter(), queue.enter()]
+    assert queue.close(lambda: ShuttingDown("bye")) == 2
+    for ticket in waiting:
+        with pytest.raises(ShuttingDown):
+            await ticket.wait(0.1)
+    with pytest.raises(ShuttingDown):
+        queue.enter()
+    assert running.state is TicketState.RUNNING
+    running.release()
     assert not queue.running
