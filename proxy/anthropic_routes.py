@@ -55,6 +55,8 @@ async def _prepare_messages(
 class AnthropicResponder:
     """Generation events -> a Messages reply: one `message` object, or its stream of events."""
 
+    fits_max_tokens = True  # max_tokens is required here, so it is a budget, not a demand
+
     async def whole(self, generation: Generation, ident: ResponseIdentity) -> web.Response:
         builder = anthropic.MessageBuilder(ident, len(generation.job.prompt_tokens))
         async for event in generation.events():

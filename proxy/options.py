@@ -140,7 +140,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_body_bytes", _size, 16 * 1024**2, "largest request body accepted", "BYTES"),
     Option("shutdown_timeout", _float(0), 30.0, "on SIGTERM, how long running requests may take to finish",
            "SECONDS"),
-    Option("heartbeat_timeout", _float(0.1), 60.0, "a worker silent this long counts as dead", "SECONDS"),
+    Option("heartbeat_timeout", _float(2.0), 60.0, "a worker silent this long counts as dead "
+           "(workers beat every second)", "SECONDS"),
     Option("worker_start_timeout", _float(1), 600.0, "model load + handshake limit", "SECONDS"),
     Option("keepalive_interval", _float(0.01), 5.0, "SSE keep-alive comment interval while a stream waits",
            "SECONDS"),

@@ -158,6 +158,10 @@ async def stream_response(
 class Responder(Protocol):
     """How a generating route answers: one JSON body, or events on an open SSE stream."""
 
+    # True: a max_tokens past the context is cut to the room left instead of refused
+    # (Anthropic clients must send max_tokens and agents send 32K+ whatever the model).
+    fits_max_tokens: bool
+
     async def whole(self, generation: Generation, ident: ResponseIdentity) -> web.Response: ...
 
     async def stream(self, stream: EventStream, generation: Generation, ident: ResponseIdentity) -> None:
@@ -167,6 +171,7 @@ class Responder(Protocol):
 @dataclass(frozen=True)
 class OpenAIResponder:
     fmt: ResponseFormat
+    fits_max_tokens = False  # an explicit max_tokens the context cannot hold is a 400
 
     async def whole(self, generation: Generation, ident: ResponseIdentity) -> web.Response:
         return await whole_response(generation, self.fmt, ident)

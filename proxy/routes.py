@@ -96,7 +96,7 @@ async def _serve_generation(
         raise ShuttingDown("the server is shutting down", retry_after=5)
     served.check_available()  # a worker being restarted is waited for, in the queue
     request_id = f"{id_prefix}-{uuid.uuid4().hex}"
-    job = _guarded(served, await prepare(request, served, body, request_id), body)
+    job = _guarded(served, await prepare(request, served, body, request_id), body, responder.fits_max_tokens)
     ident = ResponseIdentity(request_id, name or served.model_id)
     stream: Optional[EventStream] = None
     try:
@@ -143,9 +143,9 @@ def _settings(request: web.Request) -> GenerationSettings:
     )
 
 
-def _guarded(served: ServedModel, job: GenerationJob, body: dict[str, Any]) -> GenerationJob:
+def _guarded(served: ServedModel, job: GenerationJob, body: dict[str, Any], fit: bool = False) -> GenerationJob:
     """The job with max_tokens fitted to the context; refuses what cannot fit in context or memory."""
-    given = any(body.get(key) is not None for key in ("max_tokens", "max_completion_tokens"))
+    given = not fit and any(body.get(key) is not None for key in ("max_tokens", "max_completion_tokens"))
     prompt = len(job.prompt_tokens)
     api.check_model_limits(job.options, served.client.hello)
     max_tokens = check_context(prompt, job.options.max_tokens, served.client.hello, given)
@@ -223,6 +223,7 @@ def _worker_health(served: ServedModel) -> dict[str, Any]:
         "queue": {"waiting": served.queue.waiting, "running": served.queue.running, "max_waiting": served.queue.max_waiting},
         "seconds_since_heartbeat": round(time.monotonic() - client.last_seen, 3),
         "running_request": stats.running_request if stats else None,
+        "restarts": served.restarts,
     }
     if hello is not None:
         out.update(

@@ -53,7 +53,8 @@ def write_entry(path: Path, header: dict, arrays: dict[str, tuple[np.ndarray, st
         f.write(digest.digest())
 
     _write_atomic(path, "wb", body)
-    return path.stat().st_size, digest.hexdigest()
+    size = len(MAGIC) + 8 + len(head) + sum(np.asarray(d).nbytes for d, _ in arrays.values()) + _TRAILER
+    return size, digest.hexdigest()
 
 
 def read_entry(path: Path) -> tuple[dict, dict[str, tuple[np.ndarray, str]]]:

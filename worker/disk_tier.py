@@ -132,13 +132,18 @@ class DiskTier:
             if header.get("checksum_of") != hit.entry.name:
                 raise CorruptEntry(f"{hit.entry.name}: header names another entry")
             cache, logits, snapshot = import_at(self.ops, from_host(host), header["meta"], hit.position)
-        except (CorruptEntry, KeyError, ValueError) as exc:
+        except CorruptEntry as exc:
             log.warning("disk checkpoint skipped and removed: %s", exc)
             self.corrupt += 1
             self._forget(hit.entry.name, delete=True)
             return None
+        except (KeyError, ValueError) as exc:
+            # A complete file that no longer holds this point: it was rewritten for the
+            # same tokens since the lookup. A miss, not damage.
+            log.info("disk checkpoint %s changed since the lookup (%s); recomputing", hit.entry.name, exc)
+            return None
         elapsed = time.perf_counter() - start
-        size = path.stat().st_size if path.exists() else hit.entry.nbytes
+        size = hit.entry.nbytes
         self.read_bytes_per_s = 0.5 * self.read_bytes_per_s + 0.5 * size / max(elapsed, 1e-6)
         self.hits += 1
         self.read_bytes += size

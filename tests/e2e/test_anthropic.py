@@ -242,3 +242,17 @@ def test_errors_take_anthropics_shape_only_on_its_routes(proxy, nocache_proxy):
     with pytest.raises(anthropic.BadRequestError) as info:
         client(proxy).messages.create(model=model_id(proxy), max_tokens=4, messages=user, extra_body={"temperature": 3})
     assert info.value.body["error"]["type"] == "invalid_request_error"
+
+
+def test_a_max_tokens_past_the_context_is_fitted_not_refused(tiny_model, log_dir):
+    """Agents send max_tokens of 32K and more whatever the model; on this API it is a budget."""
+    from tests.e2e.conftest import running_proxy
+
+    with running_proxy(tiny_model, log_dir, "--max-kv-size", "64", name="anthropic-fit") as server:
+        c = client(server)
+        reply = c.messages.create(
+            model=str(tiny_model), max_tokens=100_000, messages=[{"role": "user", "content": "say something"}],
+            extra_body=GREEDY,
+        )  # fmt: skip
+        assert prompt_tokens(reply.usage) + reply.usage.output_tokens <= 64
+        assert reply.stop_reason in ("max_tokens", "end_turn")
