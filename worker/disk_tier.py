@@ -22,7 +22,7 @@ from typing import Any
 
 from protocol.messages import DiskStats
 from worker.disk_format import TEMP_PREFIX, CorruptEntry, read_entry, write_entry, write_json_atomic
-from worker.state_codec import SavedPoint, export_sequence, from_host, host_ready, import_at
+from worker.state_codec import SavedPoint, export_sequence, from_host, from_ready, host_ready, import_at
 from worker.trie import TokenTrie
 
 log = logging.getLogger("mlx_cache_proxy.worker")
@@ -64,10 +64,15 @@ class DiskHit:
     kind: str
 
 
+def _entry_name(tokens: list[int]) -> str:
+    return hashlib.sha256(array("q", tokens).tobytes()).hexdigest()[:32] + SUFFIX
+
+
 @dataclass(frozen=True)
 class _Write:
+    name: str
     tokens: list[int]
-    arrays: dict
+    arrays: dict  # name -> (evaluated mx array, dtype name), see state_codec.host_ready
     meta: dict
     points: dict[int, tuple[str, bool]]
 
@@ -84,6 +89,9 @@ class DiskTier:
         self._trie = TokenTrie()
         self._lock = threading.Lock()  # guards the index: the writer thread updates it
         self._loaded = False
+        # Queued writes are indexed at once and loaded from memory until written:
+        # the next request often wants what the last one evicted.
+        self._pending: dict[str, _Write] = {}
         self._writes: queue.Queue[_Write | None] = queue.Queue()
         self._writer = threading.Thread(target=self._write_loop, name="disk-writer", daemon=True)
         self._writer.start()
@@ -127,11 +135,17 @@ class DiskTier:
         """(cache at the hit's position, logits or None, snapshot or None); None when the file is bad."""
         start = time.perf_counter()
         path = self.dir / hit.entry.name
+        with self._lock:
+            pending = self._pending.get(hit.entry.name)
         try:
-            header, host = read_entry(path)
-            if header.get("checksum_of") != hit.entry.name:
-                raise CorruptEntry(f"{hit.entry.name}: header names another entry")
-            cache, logits, snapshot = import_at(self.ops, from_host(host), header["meta"], hit.position)
+            if pending is not None:
+                arrays, meta = from_ready(pending.arrays), pending.meta
+            else:
+                header, host = read_entry(path)
+                if header.get("checksum_of") != hit.entry.name:
+                    raise CorruptEntry(f"{hit.entry.name}: header names another entry")
+                arrays, meta = from_host(host), header["meta"]
+            cache, logits, snapshot = import_at(self.ops, arrays, meta, hit.position)
         except CorruptEntry as exc:
             log.warning("disk checkpoint skipped and removed: %s", exc)
             self.corrupt += 1
@@ -175,9 +189,16 @@ class DiskTier:
         """Queue a sequence for writing; returns at once."""
         if self.budget_bytes <= 0 or not tokens:
             return
+        self._ensure_loaded()
         arrays, meta = export_sequence(self.ops, cache, len(tokens), points)
         saved = {p.position: (p.kind, p.logits is not None) for p in points}
-        self._writes.put(_Write(list(tokens), host_ready(arrays), meta, saved))
+        job = _Write(_entry_name(tokens), list(tokens), host_ready(arrays), meta, saved)
+        estimate = sum(a.nbytes for a, _ in job.arrays.values())
+        with self._lock:
+            self._remove_locked(job.name)
+            self._add_locked(DiskEntry(job.name, job.tokens, job.points, estimate, checksum=""))
+            self._pending[job.name] = job
+        self._writes.put(job)
 
     def close(self, timeout: float = 100.0) -> None:
         """Finish queued writes, then stop the writer."""
@@ -195,14 +216,18 @@ class DiskTier:
                 log.exception("writing a disk checkpoint failed; the entry is skipped")
 
     def _write(self, job: _Write) -> None:
-        self._ensure_loaded()
-        name = hashlib.sha256(array("q", job.tokens).tobytes()).hexdigest()[:32] + SUFFIX
-        header = {"checksum_of": name, "tokens": len(job.tokens), "meta": job.meta}
-        nbytes, checksum = write_entry(self.dir / name, header, job.arrays)
+        with self._lock:
+            if self._pending.get(job.name) is not job:
+                return  # replaced by a newer save of the same tokens, which will be written
+        header = {"checksum_of": job.name, "tokens": len(job.tokens), "meta": job.meta}
+        nbytes, checksum = write_entry(self.dir / job.name, header, job.arrays)
         self.written_bytes += nbytes
         with self._lock:
-            self._remove_locked(name)
-            self._add_locked(DiskEntry(name, job.tokens, job.points, nbytes, checksum))
+            entry = self._entries.get(job.name)
+            if self._pending.get(job.name) is job:
+                del self._pending[job.name]
+                if entry is not None:
+                    entry.nbytes, entry.checksum = nbytes, checksum
             doomed = self._over_budget_locked()
             for victim in doomed:
                 self._remove_locked(victim)
@@ -244,7 +269,8 @@ class DiskTier:
             return []
 
     def _index_json_locked(self) -> dict:
-        return {"version": INDEX_VERSION, "entries": [e.to_json() for e in self._entries.values()]}
+        written = [e.to_json() for e in self._entries.values() if e.name not in self._pending]
+        return {"version": INDEX_VERSION, "entries": written}
 
     def _add_locked(self, entry: DiskEntry) -> None:
         self._entries[entry.name] = entry
@@ -273,6 +299,8 @@ class DiskTier:
         for entry in sorted(self._entries.values(), key=lambda e: e.last_used):
             if total <= self.budget_bytes:
                 break
+            if entry.name in self._pending:
+                continue  # written first, judged after
             doomed.append(entry.name)
             total -= entry.nbytes
         return doomed

@@ -228,9 +228,11 @@ class CheckpointPool:
             plan.checkpoint.last_used = tick
         if source is None:
             return Lease(self.ops.new_cache(), None, plan)
-        source.last_used = tick
         if not plan.in_place:
+            # A fork uses the shared prefix only (its checkpoint was refreshed above): the
+            # source's own tail is no more recently used than before.
             return Lease(self.ops.fork(source.cache, p, snap), None, plan)
+        source.last_used = tick
         # Take the sequence over: its tail beyond p goes now, the rest is re-attached at commit.
         # Nothing here is proportional to the stored length: KV is trimmed by its offset.
         cache = self.ops.restore(source.cache, p, snap)

@@ -105,6 +105,15 @@ def host_ready(arrays: dict) -> dict[str, tuple[Any, str]]:
     return out
 
 
+def from_ready(arrays: dict[str, tuple[Any, str]]) -> dict:
+    """The arrays `host_ready` made, back in their own dtypes (for a write not yet on disk)."""
+    out = {}
+    for name, (a, dtype) in arrays.items():
+        target = getattr(mx, dtype)
+        out[name] = a.view(target) if a.dtype != target else a
+    return out
+
+
 def from_host(arrays: dict[str, tuple[np.ndarray, str]]) -> dict:
     out = {}
     for name, (host, dtype) in arrays.items():

@@ -3,8 +3,6 @@
 import subprocess
 import sys
 
-import pytest
-
 from protocol.messages import RestoreKind
 from tests.unit.fake_cache_ops import BYTES_PER_TOKEN, SNAPSHOT_BYTES, FakeOps
 from worker.pool import CheckpointPool, TakenCheckpoint
@@ -149,16 +147,15 @@ def test_eviction_is_lru_and_a_hit_refreshes():
     assert pool.plan(b + [4]).restore_point == 0
 
 
-def test_checkpoints_go_before_sequences_and_shared_prefixes_last():
-    pool = make_pool(interval=1000)
-    run(pool, SYSTEM + [1], hints=[40])
-    run(pool, SYSTEM + [2], hints=[40])
+def test_intermediate_checkpoints_go_before_sequences_and_shared_prefixes_last():
+    pool = make_pool(interval=8, max_lattice=16)
+    run(pool, SYSTEM + [1] * 30, hints=[40])
+    run(pool, SYSTEM + [2] * 30, hints=[40])
     shared = pool.trie.match(SYSTEM).node_at(40).checkpoints[40]
-    total = pool.nbytes
-    pool.evict_to(total - SNAPSHOT_BYTES)
-    assert len(pool.sequences) == 2  # a snapshot went first
-    assert 40 in pool.trie.match(SYSTEM).node_at(40).checkpoints  # and not the shared one
-    assert shared.kind is RestoreKind.HINT
+    pool.evict_to(pool.nbytes - SNAPSHOT_BYTES)
+    assert len(pool.sequences) == 2  # an intermediate (lattice) snapshot went first
+    assert pool.trie.match(SYSTEM).node_at(40).checkpoints[40] is shared  # not the shared one
+    assert pool.plan(SYSTEM + [1] * 30 + [9]).restore_point == 70  # nor an anchor
 
 
 def test_pool_stays_within_capacity():
