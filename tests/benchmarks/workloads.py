@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Generator, Iterable, Optional, Protocol, Sequence
 
 from worker.tiny_corpus import WORDS

@@ -6,6 +6,7 @@ a timeout. A server that fails to come up fails the test with its log tail.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -84,6 +85,18 @@ def stop(server: Server, timeout: float = STOP_TIMEOUT_S) -> int:
             server.process.kill()
             server.process.wait(10)
     return server.process.returncode
+
+
+def post(server: Server, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    """POST raw bytes; (status, parsed JSON body), error statuses included."""
+    request = urllib.request.Request(
+        server.root + path, data=body, headers={"Content-Type": "application/json", **(headers or {})}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
 
 
 def proxy_argv(model: str | Path, port: int, *extra: str) -> list[str]:

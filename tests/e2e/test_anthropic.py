@@ -18,6 +18,7 @@ import pytest
 from proxy import anthropic_api
 from proxy.chat import ChatTokenizer
 from tests.e2e.conftest import Server
+from tests.e2e.conftest import post as post_json
 
 pytestmark = pytest.mark.slow
 
@@ -41,15 +42,7 @@ def model_id(server: Server) -> str:
 
 
 def post(server: Server, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict]:
-    request = urllib.request.Request(
-        server.root + path, data=body, method="POST",
-        headers={"Content-Type": "application/json", **ANTHROPIC_HEADERS, **(headers or {})},
-    )  # fmt: skip
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+    return post_json(server, path, body, {**ANTHROPIC_HEADERS, **(headers or {})})
 
 
 def sse_events(server: Server, body: dict) -> list[tuple[str, dict]]:

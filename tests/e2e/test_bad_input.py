@@ -13,7 +13,7 @@ from typing import Any, Iterator, Optional
 import openai
 import pytest
 
-from tests.e2e.conftest import Server, running_proxy
+from tests.e2e.conftest import Server, post, running_proxy
 
 pytestmark = pytest.mark.slow
 
@@ -106,17 +106,6 @@ CASES: list[tuple[str, str, bytes, Optional[str], Optional[str]]] = [
     ("completion-several-prompts", TEXT, completion(prompt=["a", "b"]), "prompt", None),
     ("completion-logprobs-too-many", TEXT, completion(logprobs=6), "logprobs", None),
 ]
-
-
-def post(server: Server, path: str, body: bytes) -> tuple[int, dict]:
-    request = urllib.request.Request(
-        server.root + path, data=body, headers={"Content-Type": "application/json"}, method="POST"
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
 
 
 def requests_seen(server: Server) -> int:

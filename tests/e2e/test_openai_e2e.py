@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from tests.e2e.conftest import Server, free_port, launch, running_proxy, stop, wait_healthy
+from tests.e2e.conftest import Server, free_port, launch, post, running_proxy, stop, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -50,17 +50,6 @@ def client(server: Server, **kwargs) -> openai.OpenAI:
 
 def model_id(server: Server) -> str:
     return client(server).models.list().data[0].id
-
-
-def post(server: Server, path: str, body: bytes) -> tuple[int, dict]:
-    request = urllib.request.Request(
-        server.root + path, data=body, headers={"Content-Type": "application/json"}, method="POST"
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
 
 
 def sse_lines(server: Server, body: dict) -> list[str]:
