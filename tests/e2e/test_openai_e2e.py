@@ -283,13 +283,19 @@ def test_sse_comments_while_queued_and_prefilling(tuned_proxy, long_running):
 
 def test_non_streamed_client_that_gives_up_aborts_its_generation(proxy, long_running):
     gone_before = proxy.log().count("status=client_gone")
-    c = client(proxy)
-    with pytest.raises(openai.APITimeoutError):
+    # The client gives up and closes its connection (a client left to the garbage collector keeps
+    # the socket open, and nothing on the wire says it went away).
+    with client(proxy) as quitter, pytest.raises(openai.APITimeoutError):
         # 0.3s: the reply runs >= PROBE_TOKENS tokens, which an idle machine decodes in under a second.
-        c.chat.completions.create(model="default_model", messages=long_running, max_tokens=20000, timeout=0.3)
+        quitter.chat.completions.create(model="default_model", messages=long_running, max_tokens=20000, timeout=0.3)
     started = time.monotonic()
-    c.chat.completions.create(model="default_model", messages=[{"role": "user", "content": "next"}], max_tokens=2)
+    client(proxy).chat.completions.create(
+        model="default_model", messages=[{"role": "user", "content": "next"}], max_tokens=2
+    )
     assert time.monotonic() - started < 5.0
+    deadline = time.monotonic() + 5.0  # the log line follows the worker's last message for the aborted one
+    while proxy.log().count("status=client_gone") < gone_before + 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert proxy.log().count("status=client_gone") == gone_before + 1
 
 
