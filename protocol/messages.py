@@ -48,6 +48,7 @@ class RestoreKind(str, Enum):
     GENERATION_END = "generation_end"
     LATTICE = "lattice"  # the every-N-tokens lattice
     FORK = "fork"  # where an earlier prompt diverged from a stored sequence
+    TAIL = "tail"  # a little before a prompt's end, where the next prompt often diverges
 
 
 # ----------------------------------------------------------------- records

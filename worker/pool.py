@@ -29,6 +29,9 @@ log = logging.getLogger("mlx_cache_proxy.worker")
 
 # A shared prefix shorter than this (a chat template's header) is not worth keeping a sequence for.
 MIN_SHARED_PREFIX = 64
+# Tail checkpoints, this many tokens before a prompt's end: the next prompt often shares all but
+# a short final suffix (the same document, another question), inside one message no hint splits.
+TAIL_OFFSETS = (32, 64, 128)
 
 
 class CacheOps(Protocol):
@@ -211,6 +214,9 @@ class CheckpointPool:
             for pos in hints:
                 if p < pos < n:
                     wanted[pos] = RestoreKind.HINT
+            for offset in TAIL_OFFSETS:
+                if p < n - offset:
+                    wanted.setdefault(n - offset, RestoreKind.TAIL)
             if p < plan.match_length < n:
                 wanted[plan.match_length] = RestoreKind.FORK
         if p < n or plan.logits is None:
@@ -255,7 +261,7 @@ class CheckpointPool:
             if t.position <= len(tokens):
                 self._add_checkpoint(seq.tokens, Checkpoint(t.position, t.kind, t.snapshot, t.logits, t.logits_nbytes, tick))
         self._thin_lattice(seq.tokens)
-        self._drop_superseded(seq.tokens, prompt_end)
+        self._drop_superseded(seq.tokens, prompt_end, tick)
         self.evict_to(self.capacity_bytes)
 
     def discard(self, lease: Lease) -> None:
@@ -284,8 +290,8 @@ class CheckpointPool:
                 if ckpt.kind is RestoreKind.LATTICE and depth % stride:
                     self._forget_checkpoint(node, depth)
 
-    def _drop_superseded(self, tokens: list[int], prompt_end: int) -> None:
-        """Once a prompt has gone past them, generation ends and stored logits serve no one.
+    def _drop_superseded(self, tokens: list[int], prompt_end: int, tick: int) -> None:
+        """Once a prompt has gone past them, generation ends, earlier tails and stored logits serve no one.
 
         A later prompt that branches there restores from the message-boundary
         hint the proxy sends for that spot, a few tokens further on.
@@ -296,6 +302,8 @@ class CheckpointPool:
                     continue
                 if ckpt.kind is RestoreKind.GENERATION_END:
                     self._forget_checkpoint(node, depth)
+                elif ckpt.kind is RestoreKind.TAIL and ckpt.last_used < tick:
+                    self._forget_checkpoint(node, depth)  # an earlier prompt's tail
                 elif ckpt.logits is not None:
                     self._checkpoint_bytes -= ckpt.logits_nbytes
                     ckpt.logits, ckpt.logits_nbytes = None, 0
