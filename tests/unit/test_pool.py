@@ -242,3 +242,21 @@ def test_a_stored_sequence_keeps_its_anchor_while_it_stays():
         for seq in pool.sequences.values():  # whatever is still stored continues from its end
             assert pool.plan(seq.tokens + [99]).restore_point == len(seq.tokens)
         pool.evict_to(pool.nbytes - 1)
+
+
+def test_tail_checkpoints_catch_a_new_ending_near_the_prompt_end():
+    pool = make_pool(interval=1000)
+    document = list(range(500, 700))  # one long message: no hint inside it
+    first = document + [1] * 10
+    plan = run(pool, first, generated=[7])
+    assert {len(first) - 32, len(first) - 64, len(first) - 128} <= {
+        p for p, k in plan.checkpoints_to_take.items() if k is RestoreKind.TAIL
+    }
+    second = document[:190] + [2] * 12  # diverges 20 tokens before the first prompt's end
+    assert pool.plan(second).restore_point == len(first) - 32
+    # Once the conversation goes on past them, an earlier prompt's tails are dropped; the new
+    # prompt's own tails (those after its restore point) are kept.
+    third = first + [7] + [3] * 100
+    run(pool, third, generated=[8])
+    tails = sorted(d for n in pool.trie.nodes() for d, c in n.checkpoints.items() if c.kind is RestoreKind.TAIL)
+    assert tails == [len(third) - 64, len(third) - 32]
