@@ -51,28 +51,26 @@ class Option:
 # ----------------------------------------------------------------- parsers
 
 
-def _int(low: int) -> Callable[[Any], int]:
-    def parse(value: Any) -> int:
+def _number(kind: type, low: float) -> Callable[[Any], Any]:
+    """A parser of int or float values at least `low` (a TOML true is not a 1)."""
+
+    def parse(value: Any) -> Any:
         if isinstance(value, bool):
-            raise ValueError(f"expected a whole number, got {value!r}")
-        number = int(value)
+            raise ValueError(f"expected a number, got {value!r}")
+        number = kind(value)
         if number < low:
             raise ValueError(f"must be at least {low}, got {number}")
         return number
 
     return parse
+
+
+def _int(low: int) -> Callable[[Any], int]:
+    return _number(int, low)
 
 
 def _float(low: float) -> Callable[[Any], float]:
-    def parse(value: Any) -> float:
-        if isinstance(value, bool):
-            raise ValueError(f"expected a number, got {value!r}")
-        number = float(value)
-        if number < low:
-            raise ValueError(f"must be at least {low}, got {number}")
-        return number
-
-    return parse
+    return _number(float, low)
 
 
 def _size(value: Any) -> int:
