@@ -11,6 +11,7 @@ from typing import Optional
 
 from protocol.messages import Hello, Stats
 from proxy.errors import ContextLengthExceeded, InsufficientMemory
+from worker.memory_guard import estimate_need, mib
 
 
 def check_context(prompt_tokens: int, max_tokens: int, hello: Optional[Hello], max_tokens_given: bool) -> int:
@@ -46,16 +47,19 @@ def check_memory(prompt_tokens: int, max_tokens: int, hello: Optional[Hello], st
     memory = stats.memory if stats is not None else hello.memory
     pool = stats.pool.bytes if stats is not None else 0
     fixed = max(0, memory.active - pool)  # weights and the like: what eviction cannot give back
-    layout = hello.layout
-    need = (prompt_tokens + max_tokens) * layout.kv_bytes_per_token + layout.snapshot_bytes + hello.activation_bytes
+    # The worst case: nothing restored, so the whole prompt is computed.
+    need = estimate_need(
+        hello.layout,
+        tokens_to_compute=prompt_tokens,
+        max_tokens=max_tokens,
+        copied_prefix_tokens=0,
+        checkpoints=0,
+        activation_bytes=hello.activation_bytes,
+    ).total
     if fixed + need > hello.memory_limit:
         raise InsufficientMemory(
-            f"this request needs about {_mib(need)} MiB ({prompt_tokens} prompt + {max_tokens} new tokens) "
-            f"but only {_mib(hello.memory_limit - fixed)} MiB of the worker's {_mib(hello.memory_limit)} MiB "
+            f"this request needs about {mib(need)} MiB ({prompt_tokens} prompt + {max_tokens} new tokens) "
+            f"but only {mib(hello.memory_limit - fixed)} MiB of the worker's {mib(hello.memory_limit)} MiB "
             "memory budget can be freed for it; send a shorter prompt or fewer max_tokens",
             retry_after=None,
         )
-
-
-def _mib(n: int) -> str:
-    return f"{max(0, n) / 2**20:.1f}"

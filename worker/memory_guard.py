@@ -1,4 +1,7 @@
-"""The worker's out-of-memory guard: estimate what a request needs before it runs.
+"""The out-of-memory guard: estimate what a request needs before it runs.
+
+No MLX here: the proxy refuses hopeless requests with the same estimate before
+queueing them (`proxy.guards`); the worker applies it again with its restore plan.
 
 On a Mac an MLX process that runs out of unified memory is killed outright, so a
 request that cannot fit is refused with a typed error instead, after the pool
@@ -18,8 +21,8 @@ class InsufficientMemory(MemoryError):
     def __init__(self, needed: int, available: int, limit: int):
         self.needed, self.available, self.limit = needed, available, limit
         super().__init__(
-            f"this request needs about {_mib(needed)} MiB but only {_mib(available)} MiB of the "
-            f"{_mib(limit)} MiB memory budget is free; send a shorter prompt or fewer max_tokens"
+            f"this request needs about {mib(needed)} MiB but only {mib(available)} MiB of the "
+            f"{mib(limit)} MiB memory budget is free; send a shorter prompt or fewer max_tokens"
         )
 
 
@@ -53,5 +56,5 @@ def default_memory_limit(stats: MemoryStats) -> int:
     return int(stats.device_total * 0.9)
 
 
-def _mib(n: int) -> str:
+def mib(n: int) -> str:
     return f"{max(0, n) / 2**20:.1f}"
