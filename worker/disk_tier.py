@@ -11,6 +11,7 @@ the model thread only hands over evaluated arrays.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import queue
 import threading
@@ -254,8 +255,6 @@ class DiskTier:
                 path.unlink(missing_ok=True)
 
     def _read_index(self) -> list[DiskEntry]:
-        import json
-
         path = self.dir / INDEX
         if not path.exists():
             return []

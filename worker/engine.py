@@ -204,8 +204,9 @@ class Engine:
 
     def _checkout(self, prompt: list[int], hints: list[int], max_tokens: int) -> Lease:
         if self.pool is None:
-            self._guard_memory(RestorePlan(prompt), max_tokens)
-            return Lease(self.model.make_cache(), None, RestorePlan(prompt))
+            cold = RestorePlan(prompt)
+            self._guard_memory(cold, max_tokens)
+            return Lease(self.model.make_cache(), None, cold)
         plan = self.pool.plan(prompt, hints)
         if not self._fits(plan, max_tokens):
             # Give back pool memory, oldest first, then plan again on what is left.
