@@ -509,7 +509,9 @@ class ResponseIdentity:
 def chat_message(content: str, reasoning: str, tool_calls: list[dict[str, Any]]) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": content or None}
     if reasoning:
-        message["reasoning"] = reasoning
+        # reasoning_content, as chat templates read it back; not also "reasoning":
+        # clients that read both fields show the reasoning twice.
+        message["reasoning_content"] = reasoning
     if tool_calls:
         message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in tool_calls]
     return message

@@ -65,7 +65,7 @@ class ChatFormat:
         d = collected.delta
         return api.chat_completion(
             ident,
-            _chat_message(d),
+            api.chat_message(d.content, d.reasoning, d.tool_calls),
             finished.finish_reason,
             _usage(finished),
             api.chat_logprobs(collected.logprobs) if collected.logprobs else None,
@@ -94,15 +94,6 @@ class TextFormat:
             _usage(finished),
             api.completion_logprobs(collected.logprobs) if collected.logprobs else None,
         )
-
-
-def _chat_message(delta: OutputDelta) -> dict[str, Any]:
-    # reasoning_content, as the chat templates read it back; not also "reasoning":
-    # clients that read both fields show the reasoning twice.
-    message = api.chat_message(delta.content, "", delta.tool_calls)
-    if delta.reasoning:
-        message["reasoning_content"] = delta.reasoning
-    return message
 
 
 def _usage(finished: Finished) -> dict[str, Any]:
