@@ -9,7 +9,8 @@ Conversation shape (the worker binds a ROUTER socket, the proxy connects a DEALE
     proxy  -> worker   Connect                      (handshake opens)
     worker -> proxy    Hello | Error(version_mismatch)
     proxy  -> worker   Generate / Abort / Ping / Shutdown / Evict
-    worker -> proxy    Progress*, Tokens*, Result | Error   (per request)
+    worker -> proxy    Progress*, Tokens* | TokenFrame*, Result | Error   (per request; a
+                       TokenFrame carries several running requests' Tokens at once)
     worker -> proxy    Stats                        (heartbeat, and the answer to Ping)
 """
 
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import ClassVar, Optional
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class FinishReason(str, Enum):
@@ -100,6 +101,9 @@ class PoolStats:
     checkpoints: int = 0
     evictions: int = 0
     disk: DiskStats | None = None  # None when the disk tier is off
+    leases: int = 0  # caches checked out to running requests
+    pinned_sequences: int = 0  # stored sequences a running request holds (never evicted)
+    pinned_checkpoints: int = 0  # checkpoints a running request holds
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,9 @@ class Timings:
     ttft_s: float = 0.0  # from the worker receiving Generate to the first token
     decode_s: float = 0.0
     total_s: float = 0.0
+    decode_steps: int = 0  # batched decode steps this request took part in
+    batch_size_max: int = 1  # the largest decode batch it ran in
+    batch_size_mean: float = 1.0  # mean decode batch size over its steps
 
 
 @dataclass(frozen=True)
@@ -186,6 +193,7 @@ class Hello(Message):
     pid: int
     memory_limit: int = 0  # the worker's memory budget (bytes); 0: none known
     activation_bytes: int = 0  # measured peak of one prefill chunk
+    max_batch: int = 1  # requests the worker runs at once; the proxy keeps this many in flight
 
 
 @dataclass(frozen=True)
@@ -219,6 +227,14 @@ class Tokens(Message):
     tokens: list[int]
     logprobs: list[TokenLogprob] = field(default_factory=list)
     first_cache_facts: Optional[CacheFacts] = None  # sent with the first chunk only
+
+
+@dataclass(frozen=True)
+class TokenFrame(Message):
+    """The Tokens of several running requests, sent together after one batched decode step."""
+
+    KIND: ClassVar[str] = "token_frame"
+    parts: list[Tokens]
 
 
 @dataclass(frozen=True)
@@ -264,7 +280,7 @@ class Stats(Message):
     KIND: ClassVar[str] = "stats"
     memory: MemoryStats
     pool: PoolStats
-    running_request: Optional[str] = None
+    running_requests: list[str] = field(default_factory=list)  # ids the engine is running now
 
 
 @dataclass(frozen=True)
@@ -288,6 +304,7 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     Generate,
     Progress,
     Tokens,
+    TokenFrame,
     Result,
     Abort,
     Error,
