@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
 from protocol.messages import PoolStats, RestoreKind
+from worker.eviction import EvictionIndex, EvictionPolicy
 from worker.trie import Match, Node, TokenTrie
 
 log = logging.getLogger("mlx_cache_proxy.worker")
@@ -54,6 +55,8 @@ class Checkpoint:
     logits: Any = None  # the logits after `position` tokens, when stored (prompt ends)
     logits_nbytes: int = 0
     last_used: int = 0
+    node: Node | None = None  # where it sits in the trie (None: not stored, or gone)
+    pins: int = 0  # running requests holding it: never evicted while > 0
 
     @property
     def nbytes(self) -> int:
@@ -73,6 +76,7 @@ class Sequence:
     node: Node | None = None
     prefix_only: bool = False  # cut back to a prefix other sequences share: evicted after tails
     compacted: bool = False  # its KV buffers hold exactly its tokens
+    pins: int = 0  # running requests holding it (taken over in place): never evicted while > 0
 
 
 @dataclass
@@ -96,12 +100,18 @@ class RestorePlan:
 
 @dataclass
 class Lease:
-    """A cache checked out of the pool for one request."""
+    """A cache checked out of the pool for one request, and what it pins there until it ends.
+
+    The engine holds it as an opaque handle: it uses `cache` and `plan` and hands
+    the lease back through `commit` or `discard`, which unpin.
+    """
 
     cache: Any
-    sequence: Sequence | None  # the stored sequence taken over in place, if any
+    sequence: Sequence | None  # the stored sequence taken over in place, if any (pinned)
     plan: RestorePlan
     from_disk: bool = False
+    pinned: list[Checkpoint] = field(default_factory=list)
+    open: bool = True
 
 
 @dataclass
@@ -121,6 +131,7 @@ class CheckpointPool:
         checkpoint_interval: int = 256,
         max_lattice_points: int = 16,
         on_evict: Callable[[Sequence, list[Checkpoint]], None] | None = None,
+        policy: EvictionPolicy | None = None,
     ):
         self.ops = ops
         self.on_evict = on_evict  # sees each evicted sequence and the checkpoints on its path
@@ -134,12 +145,16 @@ class CheckpointPool:
         self.evictions = 0
         self._checkpoint_bytes = 0
         self._checkpoint_count = 0
+        self._sequence_bytes = 0
+        self._leases: list[Lease] = []
+        self.policy = policy or EvictionPolicy()
+        self._index = EvictionIndex(self._priority, self._alive)
 
     # ------------------------------------------------------------- figures
 
     @property
     def nbytes(self) -> int:
-        return self._checkpoint_bytes + sum(s.nbytes for s in self.sequences.values())
+        return self._checkpoint_bytes + self._sequence_bytes
 
     def stats(self) -> PoolStats:
         return PoolStats(
@@ -148,6 +163,9 @@ class CheckpointPool:
             sequences=len(self.sequences),
             checkpoints=self._checkpoint_count,
             evictions=self.evictions,
+            leases=len(self._leases),
+            pinned_sequences=sum(1 for s in self.sequences.values() if s.pins > 0),
+            pinned_checkpoints=len({id(c) for lease in self._leases for c in lease.pinned}),
         )
 
     # ------------------------------------------------------------- lookup
@@ -223,31 +241,52 @@ class CheckpointPool:
             wanted[n] = RestoreKind.PROMPT_END
         return wanted
 
-    # ------------------------------------------------------------- checkout / commit
+    # ------------------------------------------------------------- leases
+
+    def lease(self, prompt: list[int], hints: Iterable[int] = ()) -> Lease:
+        """Plan and check out in one step: the cache restored to the deepest usable point, pinned."""
+        return self.checkout(self.plan(prompt, hints))
+
+    def lease_restored(self, prompt: list[int], hints: Iterable[int], cache: Any, checkpoint: Checkpoint) -> Lease:
+        """A lease over a cache restored elsewhere (the disk tier, a running request's prefix)."""
+        lease = Lease(cache, None, self.plan_restored(prompt, hints, checkpoint))
+        self._leases.append(lease)
+        return lease
 
     def checkout(self, plan: RestorePlan) -> Lease:
-        """The cache restored to the plan's restore point, ready for prefill."""
+        """The cache restored to a plan made just now (no pool change in between), ready for prefill."""
         tick = next(self._clock)
         p, source = plan.restore_point, plan.source
         snap = plan.checkpoint.snapshot if plan.checkpoint is not None else None
+        pinned = []
         if plan.checkpoint is not None:
             plan.checkpoint.last_used = tick
+            self._pin(plan.checkpoint)
+            pinned.append(plan.checkpoint)
         if source is None:
-            return Lease(self.ops.new_cache(), None, plan)
-        if not plan.in_place:
+            lease = Lease(self.ops.new_cache(), None, plan, pinned=pinned)
+        elif not plan.in_place:
             # A fork uses the shared prefix only (its checkpoint was refreshed above): the
             # source's own tail is no more recently used than before.
-            return Lease(self.ops.fork(source.cache, p, snap), None, plan)
-        source.last_used = tick
-        # Take the sequence over: its tail beyond p goes now, the rest is re-attached at commit.
-        # Nothing here is proportional to the stored length: KV is trimmed by its offset.
-        cache = self.ops.restore(source.cache, p, snap)
-        del source.tokens[p:]
-        self._move_to(source, self.trie.node_ending_at(plan.match, p))
-        return Lease(cache, source, plan)
+            lease = Lease(self.ops.fork(source.cache, p, snap), None, plan, pinned=pinned)
+        else:
+            if source.pins:
+                raise RuntimeError("a plan took over a sequence another request holds")
+            source.last_used = tick
+            source.pins += 1
+            self._index.forget(source)
+            # Take the sequence over: its tail beyond p goes now, the rest is re-attached at commit.
+            # Nothing here is proportional to the stored length: KV is trimmed by its offset.
+            cache = self.ops.restore(source.cache, p, snap)
+            del source.tokens[p:]
+            self._move_to(source, self.trie.node_ending_at(plan.match, p))
+            lease = Lease(cache, source, plan, pinned=pinned)
+        self._leases.append(lease)
+        return lease
 
     def commit(self, lease: Lease, tokens: list[int], prompt_end: int, taken: list[TakenCheckpoint]) -> None:
-        """Store the cache of a finished (or aborted) request, which has consumed `tokens`."""
+        """Store the cache of a finished (or aborted) request, which has consumed `tokens`; unpin."""
+        self._close(lease)
         tick = next(self._clock)
         seq = lease.sequence
         if seq is None:
@@ -255,19 +294,41 @@ class CheckpointPool:
             self.sequences[seq.key] = seq
         seq.cache, seq.prompt_end, seq.last_used = lease.cache, prompt_end, tick
         seq.prefix_only = seq.compacted = False
-        seq.nbytes = self.ops.nbytes(seq.cache)
+        self._set_nbytes(seq, self.ops.nbytes(seq.cache))
         self._move(seq, list(tokens))
         for t in taken:
             if t.position <= len(tokens):
                 self._add_checkpoint(seq.tokens, Checkpoint(t.position, t.kind, t.snapshot, t.logits, t.logits_nbytes, tick))
         self._thin_lattice(seq.tokens)
         self._drop_superseded(seq.tokens, prompt_end, tick)
+        self._touch(seq.node)
         self.evict_to(self.capacity_bytes)
 
     def discard(self, lease: Lease) -> None:
-        """Forget a checked-out cache whose state is unknown (the request failed)."""
+        """Forget a checked-out cache whose state is unknown (the request failed); unpin."""
+        self._close(lease)
         if lease.sequence is not None:
             self._drop_sequence(lease.sequence)
+
+    def _close(self, lease: Lease) -> None:
+        if not lease.open:
+            raise RuntimeError("a lease was handed back twice")
+        lease.open = False
+        self._leases.remove(lease)
+        for ckpt in lease.pinned:
+            ckpt.pins -= 1
+            self._index.file(ckpt)
+        if lease.sequence is not None:
+            lease.sequence.pins -= 1
+            self._index.file(lease.sequence)
+
+    def _pin(self, ckpt: Checkpoint) -> None:
+        ckpt.pins += 1
+        self._index.forget(ckpt)
+
+    @property
+    def leases(self) -> int:
+        return len(self._leases)
 
     def _add_checkpoint(self, tokens: list[int], ckpt: Checkpoint) -> None:
         node = self.trie.insert(tokens[: ckpt.position])
@@ -278,16 +339,19 @@ class CheckpointPool:
                 old.logits, old.logits_nbytes = ckpt.logits, ckpt.logits_nbytes
                 self._checkpoint_bytes += ckpt.logits_nbytes
             old.last_used = ckpt.last_used
+            self._index.file(old)
             return
+        ckpt.node = node
         node.checkpoints[ckpt.position] = ckpt
         self._checkpoint_bytes += ckpt.nbytes
         self._checkpoint_count += 1
+        self._index.file(ckpt)
 
     def _thin_lattice(self, tokens: list[int]) -> None:
         stride = self.lattice_stride(len(tokens))
         for node in self.trie.path_to(self.trie.insert(tokens)):
             for depth, ckpt in list(node.checkpoints.items()):
-                if ckpt.kind is RestoreKind.LATTICE and depth % stride:
+                if ckpt.kind is RestoreKind.LATTICE and depth % stride and not ckpt.pins:
                     self._forget_checkpoint(node, depth)
 
     def _drop_superseded(self, tokens: list[int], prompt_end: int, tick: int) -> None:
@@ -298,7 +362,7 @@ class CheckpointPool:
         """
         for node in self.trie.path_to(self.trie.insert(tokens[:prompt_end])):
             for depth, ckpt in list(node.checkpoints.items()):
-                if depth >= prompt_end:
+                if depth >= prompt_end or ckpt.pins:
                     continue
                 if ckpt.kind is RestoreKind.GENERATION_END:
                     self._forget_checkpoint(node, depth)
@@ -311,80 +375,103 @@ class CheckpointPool:
     # ------------------------------------------------------------- eviction
 
     def evict_to(self, target_bytes: int) -> int:
-        """Evict until the pool holds <= target_bytes; returns bytes freed.
+        """Evict until the pool holds <= target_bytes (or only pinned units are left); returns bytes freed.
 
-        Order: sequences another stored sequence covers (nothing is lost); then,
-        least recently used first, unshared checkpoints and the unshared tails of
-        sequences (a sequence is cut back to the prefix it shares with others, or
-        dropped when it shares none worth keeping); shared prefixes last.
+        The order is the policy's (`worker.eviction.EvictionPolicy`); what a
+        running request holds is never touched.
         """
         before = self.nbytes
-        self._compact_until(target_bytes)
         while self.nbytes > target_bytes:
-            victim = self._next_victim()
+            victim = self._index.pop()
             if victim is None:
                 break
-            self.evictions += 1
             if isinstance(victim, Sequence):
+                if not victim.compacted:
+                    self._compact(victim)
+                    continue
+                self.evictions += 1
                 self._evict_sequence(victim)
             else:
-                node, depth = victim
-                self._forget_checkpoint(node, depth)
+                self.evictions += 1
+                self._forget_checkpoint(victim.node, victim.position)
+        if self._index.stale(len(self.sequences) + self._checkpoint_count):
+            self._index.rebuild(self._units())
         return before - self.nbytes
 
-    def _next_victim(self) -> Sequence | tuple[Node, int] | None:
-        """The next unit to evict: lowest (group, age, tier) first.
+    def _units(self) -> list[Any]:
+        units: list[Any] = list(self.sequences.values())
+        units += [c for node in self.trie.nodes() for c in node.checkpoints.values()]
+        return units
 
-        Group 0: sequences another covers. Group 1, least recently used first:
-        checkpoints, and sequences (cut back to a shared prefix, or dropped); a
-        sequence's anchor (the deepest checkpoint on its path, without which a
-        hybrid's KV cannot be restored) only leaves with it. Group 2: what keeps a
-        shared prefix. With a disk tier a sequence leaves before its checkpoints,
-        so it is written whole.
+    # What the policy asks (worker.eviction.PoolView).
+
+    @property
+    def disk_tier(self) -> bool:
+        return self.on_evict is not None
+
+    def _priority(self, unit: Any):
+        if unit.pins:
+            return None
+        if isinstance(unit, Sequence):
+            return self.policy.sequence_priority(self, unit)
+        return self.policy.checkpoint_priority(self, unit)
+
+    def _alive(self, unit: Any) -> bool:
+        if isinstance(unit, Sequence):
+            return self.sequences.get(unit.key) is unit
+        return unit.node is not None
+
+    def sequence_facts(self, seq: Sequence) -> tuple[bool, bool, bool, int]:
+        return seq.compacted, self._redundant(seq), seq.prefix_only, seq.last_used
+
+    def checkpoint_facts(self, ckpt: Checkpoint) -> tuple[bool, bool, int]:
+        return self._protects_a_prefix(ckpt.node), self._is_anchor(ckpt), ckpt.last_used
+
+    def _touch(self, node: Node | None) -> None:
+        """Re-file the units on the path to `node`: the change there may have lowered their priority."""
+        for path_node in self.trie.path_to(node) if node is not None else ():
+            for key in path_node.entries:
+                self._index.file(self.sequences[key])
+            for ckpt in path_node.checkpoints.values():
+                self._index.file(ckpt)
+
+    def _is_anchor(self, ckpt: Checkpoint) -> bool:
+        """Is `ckpt` the deepest checkpoint on the path of some stored sequence (its only restore point)?
+
+        A walk below its node that stops at the first deeper checkpoint of each branch.
         """
-        seq_tier, ckpt_tier = (0, 1) if self.on_evict is not None else (1, 0)
-        anchors = {id(c) for seq in self.sequences.values() if (c := self._anchor(seq)) is not None}
-        best, best_key = None, None
-        for seq in self.sequences.values():
-            if self._redundant(seq):
-                key = (0, seq.last_used, 0)
-            else:
-                key = (2 if seq.prefix_only else 1, seq.last_used, seq_tier)
-            if best_key is None or key < best_key:
-                best, best_key = seq, key
-        for node in self.trie.nodes():
-            if not node.checkpoints:
-                continue
-            group = 2 if self._protects_a_prefix(node) else 1
-            for depth, ckpt in node.checkpoints.items():
-                key = (group, ckpt.last_used, 2 if id(ckpt) in anchors else ckpt_tier)
-                if best_key is None or key < best_key:
-                    best, best_key = (node, depth), key
-        return best
-
-    def _anchor(self, seq: Sequence) -> Checkpoint | None:
-        for node in reversed(self.trie.path_to(seq.node)):
-            depths = [d for d in node.checkpoints if d <= len(seq.tokens)]
-            if depths:
-                return node.checkpoints[max(depths)]
-        return None
+        node, depth = ckpt.node, ckpt.position
+        if any(d > depth for d in node.checkpoints):
+            return False
+        if node.entries and node.depth >= depth:
+            return True
+        stack = list(node.children.values())
+        while stack:
+            n = stack.pop()
+            if n.checkpoints:
+                continue  # every sequence from here down has a deeper restore point
+            if n.entries:
+                return True
+            stack.extend(n.children.values())
+        return False
 
     def _protects_a_prefix(self, node: Node) -> bool:
         """Checkpoints here serve a prefix several sequences share, or one kept after its tail went."""
-        entries = [self.sequences[key] for _, key in self.trie.entries_under(node)]
-        return len(entries) > 1 or any(seq.prefix_only for seq in entries)
+        if node.entry_count > 1:
+            return True
+        while node is not None and not node.entries:  # one entry below: follow the one branch to it
+            node = next(iter(node.children.values()), None)
+        return node is not None and any(self.sequences[key].prefix_only for key in node.entries)
 
-    def _compact_until(self, target_bytes: int) -> None:
-        """Give back the unused room at the end of KV buffers (grown in steps), oldest first; loses nothing.
+    def _compact(self, seq: Sequence) -> None:
+        """Give back the unused room at the end of KV buffers (grown in steps); loses nothing.
 
         Only under pressure: a compacted sequence copies its KV once more when it grows.
         """
-        for seq in sorted(self.sequences.values(), key=lambda s: s.last_used):
-            if self.nbytes <= target_bytes:
-                return
-            if not seq.compacted:
-                seq.cache = self.ops.compact(seq.cache)
-                seq.nbytes, seq.compacted = self.ops.nbytes(seq.cache), True
+        seq.cache = self.ops.compact(seq.cache)
+        seq.compacted = True
+        self._set_nbytes(seq, self.ops.nbytes(seq.cache))
+        self._index.file(seq)
 
     def _redundant(self, seq: Sequence) -> bool:
         """Another stored sequence holds every token of this one (and its checkpoints' path)."""
@@ -429,13 +516,32 @@ class CheckpointPool:
         seq.prefix_only = seq.compacted = True
         self._move_to(seq, self.trie.insert(seq.tokens))
 
+    def _shrink(self, seq: Sequence, position: int, ckpt: Checkpoint | None) -> None:
+        """Cut `seq` back to `position`, into buffers of that length: the tail's memory is freed."""
+        snapshot = ckpt.snapshot if ckpt is not None else None
+        seq.cache = self.ops.shrink(seq.cache, position, snapshot)
+        del seq.tokens[position:]
+        seq.prompt_end = min(seq.prompt_end, position)
+        self._set_nbytes(seq, self.ops.nbytes(seq.cache))
+        seq.prefix_only = seq.compacted = True
+        self._move_to(seq, self.trie.insert(seq.tokens))
+        self._index.file(seq)
+
     def checkpoints_on_path(self, seq: Sequence) -> list[Checkpoint]:
         return [c for node in self.trie.path_to(seq.node) for c in node.checkpoints.values()]
 
+    def _set_nbytes(self, seq: Sequence, nbytes: int) -> None:
+        self._sequence_bytes += nbytes - seq.nbytes
+        seq.nbytes = nbytes
+
     def _drop_sequence(self, seq: Sequence) -> None:
+        parent = seq.node.parent if seq.node is not None else None
         self._detach(seq)
-        self.sequences.pop(seq.key, None)
+        if self.sequences.pop(seq.key, None) is not None:
+            self._sequence_bytes -= seq.nbytes
+        self._index.forget(seq)
         seq.cache = None
+        self._touch(parent if parent is not None and parent.parent is not None or parent is self.trie.root else None)
 
     def _move(self, seq: Sequence, tokens: list[int]) -> None:
         seq.tokens = tokens
@@ -444,15 +550,20 @@ class CheckpointPool:
     def _move_to(self, seq: Sequence, node: Node) -> None:
         """Re-attach `seq` at `node`, attaching first so the shared path survives pruning."""
         old = seq.node
-        node.entries.add(seq.key)
+        self.trie.attach_entry_at(node, seq.key)
         seq.node = node
         if old is not None and old is not node:
+            parent = old.parent
             self._release(self.trie.detach_entry(old, seq.key))
+            self._touch(old if old.parent is not None else parent)
+        self._touch(node)
 
     def _release(self, dropped: list[Checkpoint]) -> None:
         for ckpt in dropped:
             self._checkpoint_bytes -= ckpt.nbytes
             self._checkpoint_count -= 1
+            ckpt.node = None
+            self._index.forget(ckpt)
 
     def _detach(self, seq: Sequence) -> None:
         if seq.node is None:
@@ -464,7 +575,11 @@ class CheckpointPool:
         ckpt = self.trie.remove_checkpoint(node, depth)
         self._checkpoint_bytes -= ckpt.nbytes
         self._checkpoint_count -= 1
+        ckpt.node = None
+        self._index.forget(ckpt)
+        self._touch(node if node.parent is not None else None)
 
     def clear(self) -> None:
         for seq in list(self.sequences.values()):
-            self._drop_sequence(seq)
+            if not seq.pins:
+                self._drop_sequence(seq)

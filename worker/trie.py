@@ -28,7 +28,7 @@ def common_prefix_length(a: list[int], b: list[int], start: int = 0) -> int:
 
 
 class Node:
-    __slots__ = ("parent", "edge", "depth", "children", "checkpoints", "entries")
+    __slots__ = ("parent", "edge", "depth", "children", "checkpoints", "entries", "entry_count")
 
     def __init__(self, parent: Node | None, edge: list[int], depth: int):
         self.parent = parent
@@ -37,6 +37,7 @@ class Node:
         self.children: dict[int, Node] = {}
         self.checkpoints: dict[int, Any] = {}  # depth -> value
         self.entries: set[Any] = set()  # keys of stored sequences ending at self.depth
+        self.entry_count = 0  # entries here and below: kept up to date, so no query walks a subtree
 
     @property
     def start(self) -> int:
@@ -122,12 +123,15 @@ class TokenTrie:
         """Split `node` so that a new node ends at `depth`; return that upper node."""
         cut = depth - node.start
         upper = Node(node.parent, node.edge[:cut], depth)
+        upper.entry_count = node.entry_count
         node.parent.children[upper.edge[0]] = upper
         node.edge = node.edge[cut:]
         node.parent = upper
         upper.children[node.edge[0]] = node
         for d in [d for d in node.checkpoints if d <= depth]:
-            upper.checkpoints[d] = node.checkpoints.pop(d)
+            value = upper.checkpoints[d] = node.checkpoints.pop(d)
+            if hasattr(value, "node"):
+                value.node = upper  # values that know their node are told where they now live
         return upper
 
     def node_ending_at(self, match: Match, depth: int) -> Node:
@@ -139,8 +143,19 @@ class TokenTrie:
 
     def attach_entry(self, tokens: list[int], key: Any) -> Node:
         node = self.insert(tokens)
-        node.entries.add(key)
+        self.attach_entry_at(node, key)
         return node
+
+    def attach_entry_at(self, node: Node, key: Any) -> None:
+        if key in node.entries:
+            return
+        node.entries.add(key)
+        self._count(node, +1)
+
+    def _count(self, node: Node | None, delta: int) -> None:
+        while node is not None:
+            node.entry_count += delta
+            node = node.parent
 
     def add_checkpoint(self, tokens: list[int], depth: int, value: Any) -> Node:
         """Attach a checkpoint at `depth` on the path of `tokens` (which must exist up to depth)."""
@@ -152,7 +167,9 @@ class TokenTrie:
 
     def detach_entry(self, node: Node, key: Any) -> list[Any]:
         """Remove an entry; prune nodes no entry needs any more. Returns the dropped checkpoint values."""
-        node.entries.discard(key)
+        if key in node.entries:
+            node.entries.discard(key)
+            self._count(node, -1)
         return self.prune(node)
 
     def prune(self, node: Node) -> list[Any]:
@@ -179,7 +196,7 @@ class TokenTrie:
             stack.extend(n.children.values())
 
     def entry_count_under(self, node: Node) -> int:
-        return sum(1 for _ in self.entries_under(node))
+        return node.entry_count
 
     def nodes(self) -> Iterator[Node]:
         stack = list(self.root.children.values())
