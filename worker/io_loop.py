@@ -7,8 +7,8 @@ through an `Outbox`, whose pipe wakes the poll so tokens leave at once.
 
 Abort is settled here, under the `RequestBook` lock: a queued request is taken
 out of the book and answered at once with an aborted Result (it never runs);
-a running one gets its abort event set and the model thread finishes it with
-FinishReason.ABORT. An Abort for an id the book does not know (finished long
+a running one (several run at once) gets its abort event set and the model
+thread finishes it with FinishReason.ABORT between two steps. An Abort for an id the book does not know (finished long
 ago, never sent) is ignored: its last message has already gone out.
 """
 
@@ -83,13 +83,13 @@ class RequestBook:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._queued: dict[str, Generate] = {}
-        self._running: Optional[tuple[str, threading.Event]] = None
+        self._running: dict[str, threading.Event] = {}
 
     def enqueue(self, request: Generate) -> bool:
         """False when a request with this id is already queued or running."""
         with self._lock:
             rid = request.request_id
-            if rid in self._queued or (self._running and self._running[0] == rid):
+            if rid in self._queued or rid in self._running:
                 return False
             self._queued[rid] = request
             return True
@@ -100,32 +100,36 @@ class RequestBook:
             if self._queued.pop(request_id, None) is None:
                 return None
             abort_event = threading.Event()
-            self._running = (request_id, abort_event)
+            self._running[request_id] = abort_event
             return abort_event
 
-    def finish(self) -> None:
+    def finish(self, request_id: str) -> None:
         with self._lock:
-            self._running = None
+            self._running.pop(request_id, None)
 
     def abort(self, request_id: str) -> Optional[Generate]:
         """Abort one request: the queued request it removed, or None (running, or unknown)."""
         with self._lock:
-            if self._running and self._running[0] == request_id:
-                self._running[1].set()
+            event = self._running.get(request_id)
+            if event is not None:
+                event.set()
                 return None
             return self._queued.pop(request_id, None)
 
     def abort_all(self) -> list[Generate]:
-        """Abort the running request and remove every queued one (for Shutdown)."""
+        """Abort the running requests and remove every queued one (for Shutdown)."""
         with self._lock:
-            if self._running:
-                self._running[1].set()
+            for event in self._running.values():
+                event.set()
             removed, self._queued = list(self._queued.values()), {}
             return removed
 
-    def running_id(self) -> Optional[str]:
-        running = self._running
-        return running[0] if running else None
+    def is_running(self, request_id: str) -> bool:
+        return request_id in self._running
+
+    def running_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._running)
 
 
 @dataclass(frozen=True)
@@ -446,7 +450,7 @@ class IOLoop(threading.Thread):
         removed = self.book.abort(message.request_id)
         if removed is not None:
             self._send(self._peer, aborted_while_queued(removed, self.pool_stats))
-        elif self.book.running_id() != message.request_id:
+        elif not self.book.is_running(message.request_id):
             log.debug("abort of unknown request %s ignored", message.request_id)
 
     # ----------------------------------------------------------------- outbound
@@ -475,7 +479,7 @@ class IOLoop(threading.Thread):
 
     def _stats(self) -> Stats:
         pool = self.pool_stats
-        return Stats(memory=memory_stats(pool.bytes), pool=pool, running_request=self.book.running_id())
+        return Stats(memory=memory_stats(pool.bytes), pool=pool, running_requests=self.book.running_ids())
 
 
 def _version_mismatch(version: Any) -> Error:

@@ -1,17 +1,18 @@
 """`mlx-cache-proxy worker`: one MLX worker process.
 
-Two threads. The main thread owns the model: it loads the engine, then takes
-commands from `inbox` one at a time (Generate, Evict, Shutdown) and runs them.
-The IO thread (`worker.io_loop`) owns the ZeroMQ socket and everything that is
-answered without the model. Signal handlers and the dead-parent check only
-set a `StopFlag`; the main loop sees it, aborts the running request, sends
-nothing more, closes the socket and exits 0.
+Two threads. The main thread owns the model: it loads the engine, then runs
+the step loop (`worker.step_loop`), taking commands from `inbox` (Generate,
+Evict, Shutdown) between steps. The IO thread (`worker.io_loop`) owns the
+ZeroMQ socket and everything that is answered without the model. Signal
+handlers and the dead-parent check only set a `StopFlag`; the main loop sees
+it, aborts the running requests, sends nothing more, closes the socket and
+exits 0.
 
-Requests run in arrival order; one that arrives while another runs waits in
-`inbox` (the proxy serializes requests anyway). An Abort of a queued request is
-answered at once by the IO thread with a Result(finish_reason=abort,
+Up to `--max-batch` requests run at once, admitted in arrival order; the rest
+wait in the step loop. An Abort of a request the model thread has not taken yet
+is answered at once by the IO thread with a Result(finish_reason=abort,
 generated_tokens=0) whose facts carry the prompt length and zeros. Shutdown
-aborts the running request and every queued one (each still gets its Result),
+aborts the running requests and every queued one (each still gets its Result),
 then the worker exits once those have been sent.
 """
 
@@ -42,6 +43,7 @@ from protocol.messages import (
 )
 from worker.io_loop import SHUTDOWN_LINGER_MS, Close, IOLoop, Outbox, Ready, RequestBook, StopFlag
 from worker.engine import ContextLengthExceeded
+from worker.step_loop import StepLoop
 from worker.memory import apply_memory_limit, memory_stats
 
 log = logging.getLogger("mlx_cache_proxy.worker")
@@ -76,6 +78,8 @@ def _positive_float(text: str) -> float:
 
 
 DISK_SAVE_GRACE_S = 120.0
+# Chosen by measurement (tests/benchmarks/bench_batching.py); the proxy's --max-batch default is this one.
+DEFAULT_MAX_BATCH = 8
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -108,6 +112,12 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--max-kv-size", type=_positive_int, default=None, help="cap on prompt + generated tokens (default: the model's)"
+    )
+    parser.add_argument(
+        "--max-batch",
+        type=_positive_int,
+        default=DEFAULT_MAX_BATCH,
+        help="requests run at once, their decode steps batched (1: one at a time)",
     )
     parser.add_argument("--heartbeat-interval", type=_positive_float, default=2.0, metavar="SECONDS")
     parser.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -176,7 +186,7 @@ def _run(args, io: IOLoop, inbox, outbox: Outbox, book: RequestBook, stop: StopF
     outbox.put(Ready(_hello(engine, args)))
     _log_start(engine, args, io.pool_stats.capacity_bytes)
 
-    reason = ModelLoop(engine, inbox, outbox, book, stop, io).run()
+    reason = ModelLoop(engine, inbox, outbox, book, stop, io, args.max_batch).run()
     log.info("stopping: %s", reason)
     try:
         io.stop_grace_s += DISK_SAVE_GRACE_S  # saving is work, not a hang
@@ -201,17 +211,19 @@ def _hello(engine, args) -> Hello:
         pid=os.getpid(),
         memory_limit=engine.memory_limit,
         activation_bytes=engine.activation_bytes,
+        max_batch=args.max_batch,
     )
 
 
 def _log_start(engine, args, capacity: int) -> None:
     log.info(
-        "serving %s (%s) on %s; layout: %s; pool capacity %.1f MiB%s",
+        "serving %s (%s) on %s; layout: %s; pool capacity %.1f MiB; up to %d requests at once%s",
         engine.model_id,
         args.model,
         args.endpoint,
         _layout_summary(engine.layout),
         capacity / 2**20,
+        args.max_batch,
         "" if not args.no_cache else " (cache disabled)",
     )
 
@@ -226,65 +238,88 @@ def _layout_summary(layout: CacheLayout) -> str:
 
 
 class ModelLoop:
-    """The main thread's loop: one command at a time, on the thread that owns the model."""
+    """The main thread's loop: commands from `inbox` between steps of the engine's step loop."""
 
-    def __init__(self, engine, inbox, outbox: Outbox, book: RequestBook, stop: StopFlag, io: IOLoop):
+    def __init__(self, engine, inbox, outbox: Outbox, book: RequestBook, stop: StopFlag, io: IOLoop, max_batch: int):
         self.engine = engine
         self.inbox = inbox
         self.outbox = outbox
         self.book = book
         self.stop = stop
         self.io = io
+        self.steps = StepLoop(engine, max_batch)
+        self._stats_due = False
 
     def run(self) -> str:
         """Serve until Shutdown or a stop request; returns why it ended."""
         while not self.stop.requested:
+            if self._take_commands(block=not self.steps.busy) == "shutdown":
+                self.steps.abort_all()
+                self._send_stats()
+                return "shutdown"
+            if self.steps.busy:
+                self._step()
+            if self._stats_due:
+                self._send_stats()
+        self.steps.abort_all()  # keeps what they computed, for the disk tier; nothing more is sent
+        return self.stop.reason
+
+    def _take_commands(self, block: bool) -> str | None:
+        while True:
             try:
-                command = self.inbox.get(timeout=STOP_POLL_S)
+                command = self.inbox.get(timeout=STOP_POLL_S) if block else self.inbox.get_nowait()
             except queue.Empty:
-                continue
+                return None
+            block = False
             if isinstance(command, Generate):
-                self._generate(command)
+                self._submit(command)
             elif isinstance(command, Evict):
                 self._evict(command)
             elif isinstance(command, Shutdown):
                 return "shutdown"
             else:
                 log.error("model loop got an unexpected %s", command.KIND)
-        return self.stop.reason
 
-    def _generate(self, request: Generate) -> None:
+    def _submit(self, request: Generate) -> None:
         abort_event = self.book.start(request.request_id)
         if abort_event is None:
             return  # aborted while queued: the IO thread has answered it
         rid = request.request_id
-        started = time.monotonic()
         try:
-            result = self.engine.generate(
-                request,
-                emit=self.outbox.put,
-                should_abort=lambda: abort_event.is_set() or self.stop.requested,
-            )
-            self.outbox.put(result)
-            _log_result(result)
+            self.steps.submit(request, self._emit, lambda: abort_event.is_set() or self.stop.requested)
         except ContextLengthExceeded as exc:
-            log.warning("request %s rejected: %s", rid, exc)
-            self.outbox.put(Error(ErrorCode.CONTEXT_LENGTH_EXCEEDED, str(exc), rid))
+            self._reject(rid, ErrorCode.CONTEXT_LENGTH_EXCEEDED, str(exc))
         except ValueError as exc:
-            log.warning("request %s rejected: %s", rid, exc)
-            self.outbox.put(Error(ErrorCode.BAD_REQUEST, str(exc), rid))
+            self._reject(rid, ErrorCode.BAD_REQUEST, str(exc))
+
+    def _step(self) -> None:
+        try:
+            self.steps.step()
         except MemoryError as exc:
-            log.error("request %s ran out of memory: %s", rid, exc)
-            self.outbox.put(Error(ErrorCode.INSUFFICIENT_MEMORY, str(exc) or "out of memory", rid))
+            log.error("a step ran out of memory: %s", exc)
+            self.steps.fail_all(ErrorCode.INSUFFICIENT_MEMORY, str(exc) or "out of memory")
         except Exception as exc:
-            log.exception("request %s failed after %.3fs", rid, time.monotonic() - started)
-            self.outbox.put(Error(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", rid))
-        finally:
-            self.book.finish()
-            pool = self.engine.pool_stats()
-            self.io.pool_stats = pool
-            # Right behind the Result: the proxy's figures are current when the client reads its reply.
-            self.outbox.put(Stats(memory=memory_stats(pool.bytes), pool=pool, running_request=None))
+            log.exception("a step failed; failing the %d requests in it", self.steps.running)
+            self.steps.fail_all(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    def _emit(self, message: Message) -> None:
+        self.outbox.put(message)
+        if isinstance(message, (Result, Error)) and message.request_id is not None:
+            self.book.finish(message.request_id)
+            self._stats_due = True
+            if isinstance(message, Result):
+                _log_result(message)
+
+    def _reject(self, rid: str, code: ErrorCode, message: str) -> None:
+        log.warning("request %s rejected: %s", rid, message)
+        self._emit(Error(code, message, rid))
+
+    def _send_stats(self) -> None:
+        # Right behind a Result: the proxy's figures are current when the client reads its reply.
+        self._stats_due = False
+        pool = self.engine.pool_stats()
+        self.io.pool_stats = pool
+        self.outbox.put(Stats(memory=memory_stats(pool.bytes), pool=pool, running_requests=self.steps.running_ids()))
 
     def _evict(self, command: Evict) -> None:
         try:
@@ -292,11 +327,9 @@ class ModelLoop:
         except Exception as exc:
             log.exception("evict_to(%d) failed", command.target_bytes)
             self.outbox.put(Error(ErrorCode.INTERNAL, f"evict failed: {type(exc).__name__}: {exc}"))
-        pool = self.engine.pool_stats()
-        self.io.pool_stats = pool
-        log.info("evicted to %d bytes: pool holds %d", command.target_bytes, pool.bytes)
+        log.info("evicted to %d bytes: pool holds %d", command.target_bytes, self.engine.pool_stats().bytes)
         # The proxy learns the new pool size without waiting for the next heartbeat.
-        self.outbox.put(Stats(memory=memory_stats(pool.bytes), pool=pool, running_request=None))
+        self._send_stats()
 
 
 def _log_result(result: Result) -> None:

@@ -315,7 +315,7 @@ def test_ping_and_heartbeat_send_stats(client):
     stats = client.recv(skip_stats=False)
     assert isinstance(stats, Stats)
     assert stats.pool.capacity_bytes == 64 << 20 and stats.memory.device_total > 0
-    assert stats.running_request is None
+    assert stats.running_requests == []
     # Heartbeats come unasked (every 0.3 s here).
     assert isinstance(client.recv(timeout=2.0, skip_stats=False), Stats)
 

@@ -41,15 +41,16 @@ def test_book_abort_of_a_queued_request_removes_it():
     assert book.abort("b") is None  # a second abort finds nothing
 
 
-def test_book_abort_of_the_running_request_sets_its_event():
+def test_book_abort_of_a_running_request_sets_its_event_only():
     book = RequestBook()
     book.enqueue(_request("a"))
-    event = book.start("a")
-    assert book.running_id() == "a" and not event.is_set()
+    book.enqueue(_request("b"))
+    event, other = book.start("a"), book.start("b")
+    assert book.running_ids() == ["a", "b"] and not event.is_set()
     assert not book.enqueue(_request("a"))
-    assert book.abort("a") is None and event.is_set()
-    book.finish()
-    assert book.running_id() is None and book.enqueue(_request("a"))
+    assert book.abort("a") is None and event.is_set() and not other.is_set()
+    book.finish("a")
+    assert book.running_ids() == ["b"] and book.enqueue(_request("a"))
 
 
 def test_book_abort_all():
@@ -57,8 +58,9 @@ def test_book_abort_all():
     for rid in "abc":
         book.enqueue(_request(rid))
     event = book.start("a")
-    assert [r.request_id for r in book.abort_all()] == ["b", "c"]
-    assert event.is_set() and book.start("b") is None
+    second = book.start("b")
+    assert [r.request_id for r in book.abort_all()] == ["c"]
+    assert event.is_set() and second.is_set() and book.start("c") is None
 
 
 def test_outbox_wakes_the_poll_and_keeps_order():
