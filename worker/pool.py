@@ -200,7 +200,8 @@ class CheckpointPool:
 
     def _choose_source(self, plan: RestorePlan, match: Match) -> None:
         node = match.node_at(plan.restore_point)
-        candidates = [self.sequences[key] for _, key in self.trie.entries_under(node)]
+        # A sequence a running request took over is neither taken over nor forked: the request owns its cache.
+        candidates = [s for _, key in self.trie.entries_under(node) if not (s := self.sequences[key]).pins]
         if not candidates:
             return
         # Prefer taking over a sequence whose only unshared part is generated output:
@@ -278,6 +279,7 @@ class CheckpointPool:
             # Take the sequence over: its tail beyond p goes now, the rest is re-attached at commit.
             # Nothing here is proportional to the stored length: KV is trimmed by its offset.
             cache = self.ops.restore(source.cache, p, snap)
+            source.cache = None  # the request owns it until commit (no second reference keeps old KV alive)
             del source.tokens[p:]
             self._move_to(source, self.trie.node_ending_at(plan.match, p))
             lease = Lease(cache, source, plan, pinned=pinned)
@@ -317,7 +319,8 @@ class CheckpointPool:
         self._leases.remove(lease)
         for ckpt in lease.pinned:
             ckpt.pins -= 1
-            self._index.file(ckpt)
+            if ckpt.node is not None:  # still stored (a path pruned under it takes it along)
+                self._index.file(ckpt)
         if lease.sequence is not None:
             lease.sequence.pins -= 1
             self._index.file(lease.sequence)
@@ -435,6 +438,12 @@ class CheckpointPool:
             for ckpt in path_node.checkpoints.values():
                 self._index.file(ckpt)
 
+    def _touch_surviving(self, path: list[Node]) -> None:
+        """`_touch` the deepest node of `path` that is still in the trie (pruning may have cut the rest)."""
+        alive = [n for n in path if n.parent is not None]
+        if alive:
+            self._touch(alive[-1])
+
     def _is_anchor(self, ckpt: Checkpoint) -> bool:
         """Is `ckpt` the deepest checkpoint on the path of some stored sequence (its only restore point)?
 
@@ -535,13 +544,13 @@ class CheckpointPool:
         seq.nbytes = nbytes
 
     def _drop_sequence(self, seq: Sequence) -> None:
-        parent = seq.node.parent if seq.node is not None else None
+        path = self.trie.path_to(seq.node) if seq.node is not None else []
         self._detach(seq)
         if self.sequences.pop(seq.key, None) is not None:
             self._sequence_bytes -= seq.nbytes
         self._index.forget(seq)
         seq.cache = None
-        self._touch(parent if parent is not None and parent.parent is not None or parent is self.trie.root else None)
+        self._touch_surviving(path)
 
     def _move(self, seq: Sequence, tokens: list[int]) -> None:
         seq.tokens = tokens
@@ -553,9 +562,9 @@ class CheckpointPool:
         self.trie.attach_entry_at(node, seq.key)
         seq.node = node
         if old is not None and old is not node:
-            parent = old.parent
+            path = self.trie.path_to(old)
             self._release(self.trie.detach_entry(old, seq.key))
-            self._touch(old if old.parent is not None else parent)
+            self._touch_surviving(path)
         self._touch(node)
 
     def _release(self, dropped: list[Checkpoint]) -> None:
@@ -577,7 +586,7 @@ class CheckpointPool:
         self._checkpoint_count -= 1
         ckpt.node = None
         self._index.forget(ckpt)
-        self._touch(node if node.parent is not None else None)
+        self._touch(node)
 
     def clear(self) -> None:
         for seq in list(self.sequences.values()):

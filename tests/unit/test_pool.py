@@ -260,3 +260,137 @@ def test_tail_checkpoints_catch_a_new_ending_near_the_prompt_end():
     run(pool, third, generated=[8])
     tails = sorted(d for n in pool.trie.nodes() for d, c in n.checkpoints.items() if c.kind is RestoreKind.TAIL)
     assert tails == [len(third) - 64, len(third) - 32]
+
+
+# ----------------------------------------------------------------- leases under concurrency
+
+
+def hold(pool, prompt, hints=()):
+    """Check a lease out and prefill it, as a running request would; commit it later with `release`."""
+    lease = pool.lease(prompt, hints)
+    taken = []
+    for pos in range(lease.plan.restore_point + 1, len(prompt) + 1):
+        lease.cache.append(prompt[pos - 1])
+        kind = lease.plan.checkpoints_to_take.get(pos)
+        if kind is not None and pool.ops.needs_snapshots:
+            taken.append(TakenCheckpoint(pos, kind, pool.ops.snapshot(lease.cache, pos)))
+    return lease, taken
+
+
+def release(pool, lease, taken, prompt):
+    pool.commit(lease, list(prompt), len(prompt), taken)
+
+
+def test_a_sequence_in_use_is_never_evicted_even_over_budget():
+    pool = make_pool(capacity=10**9)
+    run(pool, LONG_SYSTEM + [1] * 20, generated=[5])
+    continuing = LONG_SYSTEM + [1] * 20 + [5, 6, 6]
+    lease, taken = hold(pool, continuing)
+    assert lease.plan.in_place and lease.sequence.pins == 1
+    pool.capacity_bytes = 0
+    pool.evict_to(0)  # over budget: everything unpinned goes, the running one stays
+    assert lease.sequence.key in pool.sequences and pool.stats().pinned_sequences == 1
+    assert pool.stats().leases == 1 and pool.stats().pinned_checkpoints == 1
+    run(pool, [7] * 30)  # another request commits (and evicts) meanwhile
+    assert lease.sequence.key in pool.sequences
+    pool.capacity_bytes = 10**9
+    release(pool, lease, taken, continuing)
+    stats = pool.stats()
+    assert stats.leases == 0 and stats.pinned_sequences == 0 and stats.pinned_checkpoints == 0
+    assert pool.plan(continuing + [9]).restore_point == len(continuing)
+
+
+def test_a_sequence_in_use_is_neither_taken_over_nor_forked_by_a_second_request():
+    pool = make_pool()
+    run(pool, LONG_SYSTEM, generated=[5])
+    first, taken = hold(pool, LONG_SYSTEM + [5, 1])
+    second = pool.lease(LONG_SYSTEM + [5, 1])  # the same prompt at the same time
+    assert second.sequence is None and second.plan.source is None and second.plan.restore_point == 0
+    release(pool, first, taken, LONG_SYSTEM + [5, 1])
+    pool.discard(second)
+    assert pool.stats().leases == 0
+
+
+def test_a_lease_is_handed_back_once():
+    pool = make_pool()
+    lease, taken = hold(pool, SYSTEM)
+    release(pool, lease, taken, SYSTEM)
+    import pytest
+
+    with pytest.raises(RuntimeError):
+        pool.discard(lease)
+
+
+def check_consistency(pool):
+    """Byte and count bookkeeping, trie entry counts, and the eviction index's promise."""
+    nodes = list(pool.trie.nodes())
+    recount = sum(s.nbytes for s in pool.sequences.values()) + sum(c.nbytes for n in nodes for c in n.checkpoints.values())
+    assert pool.nbytes == recount
+    assert pool.stats().checkpoints == sum(len(n.checkpoints) for n in nodes)
+    for node in [pool.trie.root, *nodes]:
+        assert node.entry_count == sum(1 for _ in pool.trie.entries_under(node))
+        for ckpt in node.checkpoints.values():
+            assert ckpt.node is node
+    for seq in pool.sequences.values():
+        assert seq.key in seq.node.entries and len(seq.tokens) == seq.node.depth
+    # Every evictable unit is filed under a key no higher than its priority now, so the heap's
+    # top is always the true lowest priority.
+    index = pool._index
+    for unit in pool._units():
+        current = pool._priority(unit)
+        if current is None:
+            continue
+        filed = index._filed.get(id(unit))
+        assert filed is not None and filed <= current, (unit, filed, current)
+
+
+def test_eviction_structure_stays_consistent_under_random_operations():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    prefixes = [LONG_SYSTEM, list(range(500, 540)), [3] * 70]
+    op = st.one_of(
+        st.tuples(st.just("run"), st.integers(0, 2), st.lists(st.integers(1, 6), max_size=12), st.integers(0, 3)),
+        st.tuples(st.just("hold"), st.integers(0, 2), st.lists(st.integers(1, 6), max_size=12), st.integers(0, 3)),
+        st.tuples(st.just("release"), st.integers(0, 5), st.booleans(), st.integers(0, 0)),
+        st.tuples(st.just("evict"), st.integers(0, 100), st.booleans(), st.integers(0, 0)),
+    )
+
+    @settings(max_examples=120, deadline=None)
+    @given(st.booleans(), st.lists(op, min_size=1, max_size=40))
+    def scenario(needs_snapshots, ops):
+        pool = make_pool(needs_snapshots=needs_snapshots, capacity=900 * BYTES_PER_TOKEN, interval=8, max_lattice=4)
+        held = []
+        histories: list[list[int]] = []
+        for kind, a, b, c in ops:
+            if kind in ("run", "hold"):
+                base = histories[a % len(histories)] if histories and c % 2 else prefixes[a]
+                prompt = base + b + [7]
+                hints = [len(prefixes[a])] if len(prefixes[a]) < len(prompt) else []
+                if kind == "run":
+                    run(pool, prompt, generated=[c + 1], hints=hints)
+                    histories.append(prompt + [c + 1])
+                else:
+                    held.append((hold(pool, prompt, hints), prompt))
+                    pinned = held[-1][0][0].sequence
+                    if pinned is not None:
+                        assert pinned.pins == 1
+            elif kind == "release" and held:
+                (lease, taken), prompt = held.pop(a % len(held))
+                if b:
+                    release(pool, lease, taken, prompt)
+                else:
+                    pool.discard(lease)
+            elif kind == "evict":
+                pool.evict_to(pool.nbytes * a // 100)
+            for (lease, _), _ in held:  # what a running request holds is still there
+                if lease.sequence is not None:
+                    assert pool.sequences.get(lease.sequence.key) is lease.sequence
+            check_consistency(pool)
+        for (lease, taken), prompt in held:
+            release(pool, lease, taken, prompt)
+        check_consistency(pool)
+        assert pool.stats().leases == 0 and pool.stats().pinned_sequences == 0
+        assert pool.nbytes <= pool.capacity_bytes
+
+    scenario()
