@@ -92,11 +92,12 @@ def worker_views(app: web.Application) -> list[WorkerView]:
             WorkerView(
                 model=served.model_id,
                 queue_depth=served.queue.waiting,
-                running=served.queue.running,
+                running=served.queue.running_count,
                 restarts=getattr(served, "restarts", 0),
                 pool=stats.pool if stats is not None else None,
                 memory=stats.memory if stats is not None else (hello.memory if hello is not None else None),
                 memory_limit=hello.memory_limit if hello is not None else 0,
+                max_running=served.queue.max_running,
             )
         )
     return views

@@ -36,6 +36,7 @@ class WorkerOptions:
     checkpoint_interval: Optional[int] = None
     no_cache: bool = False
     prefill_step: Optional[int] = None
+    max_batch: Optional[int] = None  # requests a local worker runs at once; None: the worker's default
     heartbeat_interval: float = 1.0  # asked of local workers; the proxy pings at this pace too
     heartbeat_timeout: float = 60.0  # silence after which a worker counts as dead
     start_timeout: float = 600.0  # model load + handshake

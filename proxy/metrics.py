@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from protocol.messages import CacheFacts, MemoryStats, PoolStats, RestoreKind
+from protocol.messages import CacheFacts, MemoryStats, PoolStats, RestoreKind, Timings
 from proxy.request_log import RequestRecord
 
 PREFIX = "mlx_cache_proxy"
@@ -31,6 +31,8 @@ LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0,
 GUARD_CODES = frozenset({"context_length_exceeded", "insufficient_memory", "queue_full"})
 
 QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+# Per output token and per decode step: a tiny model alone (1 ms) to a big one in a full batch (1 s).
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)
 
 
 @dataclass(frozen=True)
@@ -39,11 +41,12 @@ class WorkerView:
 
     model: str
     queue_depth: int
-    running: int
+    running: int  # requests holding a turn: the batch in flight at the worker
     restarts: int
     pool: Optional[PoolStats]
     memory: Optional[MemoryStats]
     memory_limit: int = 0  # the worker's memory budget, from its Hello
+    max_running: int = 1  # requests the worker runs at once, from its Hello
 
 
 class Metrics:
@@ -85,6 +88,16 @@ class Metrics:
             f"{PREFIX}_queue_wait_seconds", "Time a request waited for its worker", ["model"],
             buckets=QUEUE_BUCKETS, registry=r,
         )
+        self.time_per_output_token = Histogram(
+            f"{PREFIX}_time_per_output_token_seconds",
+            "Worker decode time per generated token after the first, one observation per request",
+            ["model"], buckets=TOKEN_BUCKETS, registry=r,
+        )
+        self.decode_step = Histogram(
+            f"{PREFIX}_decode_step_seconds",
+            "Mean time of one batched decode step a request took part in, one observation per request",
+            ["model"], buckets=TOKEN_BUCKETS, registry=r,
+        )
 
     # ------------------------------------------------------------- observing requests
 
@@ -117,6 +130,13 @@ class Metrics:
             if value is not None:
                 histogram.labels(model).observe(value)
 
+    def observe_decode(self, model: str, timings: Timings, generated_tokens: int) -> None:
+        """Per-token and per-step decode time of one finished request."""
+        if generated_tokens >= 2:  # decode_s runs from the first token: one token has no interval
+            self.time_per_output_token.labels(model).observe(timings.decode_s / (generated_tokens - 1))
+        if timings.decode_steps > 0:
+            self.decode_step.labels(model).observe(timings.decode_s / timings.decode_steps)
+
     def rejected(self, model: str, reason: str) -> None:
         self.rejections.labels(model, reason).inc()
 
@@ -127,6 +147,8 @@ class Metrics:
         if record.error_code in GUARD_CODES:
             self.rejected(record.model_key, record.error_code)
         timings = record.timings
+        if timings is not None:
+            self.observe_decode(record.model_key, timings, record.generated_tokens)
         self.observe_request(
             record.model_key,
             record.http_status,
@@ -166,11 +188,15 @@ class _WorkerCollector(Collector):
             name: GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=["model"])
             for name, doc in (
                 ("queue_depth", "Requests waiting for their worker"),
-                ("running_requests", "Requests the worker is running"),
+                ("running_requests", "Requests holding a turn at the worker: the running batch size"),
+                ("max_running_requests", "Requests the worker runs at once (its max_batch)"),
                 ("pool_bytes", "Bytes held by the checkpoint pool"),
                 ("pool_capacity_bytes", "Byte budget of the checkpoint pool"),
                 ("pool_checkpoints", "Checkpoints held by the pool"),
                 ("pool_sequences", "Sequences (KV caches) held by the pool"),
+                ("pool_leases", "Caches checked out to running requests"),
+                ("pool_pinned_sequences", "Pool sequences held by a running request (not evictable)"),
+                ("pool_pinned_checkpoints", "Pool checkpoints held by a running request (not evictable)"),
                 ("mlx_active_memory_bytes", "MLX active memory of the worker"),
                 ("mlx_peak_memory_bytes", "MLX peak memory of the worker since it started"),
                 ("memory_limit_bytes", "The worker's memory budget"),
@@ -193,12 +219,16 @@ class _WorkerCollector(Collector):
             m = [view.model]
             gauges["queue_depth"].add_metric(m, view.queue_depth)
             gauges["running_requests"].add_metric(m, view.running)
+            gauges["max_running_requests"].add_metric(m, view.max_running)
             counters["worker_restarts"].add_metric(m, view.restarts)
             if view.pool is not None:
                 gauges["pool_bytes"].add_metric(m, view.pool.bytes)
                 gauges["pool_capacity_bytes"].add_metric(m, view.pool.capacity_bytes)
                 gauges["pool_checkpoints"].add_metric(m, view.pool.checkpoints)
                 gauges["pool_sequences"].add_metric(m, view.pool.sequences)
+                gauges["pool_leases"].add_metric(m, view.pool.leases)
+                gauges["pool_pinned_sequences"].add_metric(m, view.pool.pinned_sequences)
+                gauges["pool_pinned_checkpoints"].add_metric(m, view.pool.pinned_checkpoints)
                 counters["pool_evictions"].add_metric(m, view.pool.evictions)
                 disk = view.pool.disk
                 if disk is not None:

@@ -122,6 +122,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("host", _str, "127.0.0.1", "address to listen on"),
     Option("port", _int(0), 8080, "port to listen on"),
     Option("max_queue", _int(0), 32, "requests that may wait per worker; more get 429", "N"),
+    # The default is the worker's (worker/main.py DEFAULT_MAX_BATCH); the proxy only forwards a choice.
+    Option("max_batch", _int(1), None, "requests each local worker runs at once, their decode steps batched; "
+           "1: one at a time (worker default: 8). A remote worker's own setting applies", "N"),
     Option("upstream", _str, None, "forward requests for models served nowhere here to this server", "URL"),
     Option("cache_bytes", _size, 8 * GIB, "checkpoint pool size per worker, e.g. 512M, 8G", "BYTES"),
     Option("checkpoint_interval", _int(1), None, "tokens between lattice checkpoints (worker default: 256)", "N"),

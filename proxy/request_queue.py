@@ -1,14 +1,16 @@
-"""One serialized FIFO queue per worker.
+"""One FIFO admission queue per worker.
 
-A worker runs one request at a time; its queue hands out the turn in arrival
-order, and only when the previous request has finished with the worker (its
-last message arrived, not merely its last byte sent to the client). At most
-`max_waiting` requests wait; one more is refused at once with `QueueFull`, so a
-client gets a 429 rather than a long silent wait.
+A worker runs up to `max_running` requests at once (its Hello's `max_batch`,
+applied by the supervisor with `set_max_running`; 1 means one at a time). The
+queue hands out turns in arrival order, and a turn comes free only when its
+request has finished with the worker (its last message arrived, not merely its
+last byte sent to the client). At most `max_waiting` requests wait; one more is
+refused at once with `QueueFull`, so a client gets a 429 rather than a long
+silent wait.
 
-While the worker is down (dead, hung, being restarted) the queue is *held*: the
-turn is not handed out, so nothing queued is sent to a dead worker; `resume`
-hands it out again. `fail_waiting` answers waiting requests with an error
+While the worker is down (dead, hung, being restarted) the queue is *held*: no
+turn is handed out, so nothing queued is sent to a dead worker; `resume`
+hands turns out again. `fail_waiting` answers waiting requests with an error
 instead (the worker stayed down too long), and `close` does that for good (the
 proxy is shutting down).
 """
@@ -63,7 +65,10 @@ class Ticket:
 
     @property
     def position(self) -> int:
-        """Requests ahead of this one (0: running or next)."""
+        """Its place in line: 0 once running; a waiting ticket is 1 + the requests waiting ahead of it.
+
+        The running requests are not counted: whichever finishes first frees the turn for place 1.
+        """
         return self._queue._position(self)
 
     def release(self) -> None:
@@ -90,16 +95,19 @@ class Ticket:
 
 
 class RequestQueue:
-    """A FIFO where one request runs and at most `max_waiting` wait."""
+    """A FIFO where up to `max_running` requests run and at most `max_waiting` wait."""
 
-    def __init__(self, max_waiting: int) -> None:
+    def __init__(self, max_waiting: int, max_running: int = 1) -> None:
         if max_waiting < 0:
             raise ValueError("max_waiting must be >= 0")
+        if max_running < 1:
+            raise ValueError("max_running must be >= 1")
         self.max_waiting = max_waiting
+        self.max_running = max_running
         self._waiting: deque[Ticket] = deque()
-        self._running: Optional[Ticket] = None
+        self._running: list[Ticket] = []
         self._mean_service_s = 1.0  # moving average of how long a turn lasts
-        self._held = False  # the worker is down: keep the turn until `resume`
+        self._held = False  # the worker is down: hand out no turn until `resume`
         self._refusal: Optional[ErrorFactory] = None  # closed: what every new request gets
 
     @property
@@ -107,8 +115,9 @@ class RequestQueue:
         return len(self._waiting)
 
     @property
-    def running(self) -> bool:
-        return self._running is not None
+    def running_count(self) -> int:
+        """Requests holding a turn: in flight at the worker."""
+        return len(self._running)
 
     @property
     def held(self) -> bool:
@@ -121,32 +130,47 @@ class RequestQueue:
         """
         if self._refusal is not None:
             raise self._refusal()
-        busy = self._running is not None or self._held
-        if busy and len(self._waiting) >= self.max_waiting:
+        runs_now = self._turn_free() and not self._waiting
+        if not runs_now and len(self._waiting) >= self.max_waiting:
             raise QueueFull(
                 f"the queue for this model is full ({self.max_waiting} waiting); retry later",
                 retry_after=self.retry_after(),
             )
         ticket = Ticket(self)
-        if not busy:
-            self._running = ticket
+        if runs_now:
+            self._running.append(ticket)
             ticket._start()
         else:
             self._waiting.append(ticket)
         return ticket
 
+    def set_max_running(self, max_running: int) -> None:
+        """Run up to `max_running` requests at once from now on (the worker's Hello says how many).
+
+        Raising it hands out the new turns at once; lowering it lets the running requests run on
+        and hands out no turn until fewer than `max_running` hold one.
+        """
+        if max_running < 1:
+            raise ValueError("max_running must be >= 1")
+        self.max_running = max_running
+        self._hand_on()
+
     def retry_after(self) -> int:
-        """Seconds until a slot is likely free, for the Retry-After header."""
-        return max(1, math.ceil(self._mean_service_s * (len(self._waiting) + 1)))
+        """Seconds until a turn is likely free for a new request, for the Retry-After header.
+
+        `max_running` turns come free per mean turn length, so the waiting line drains that much faster.
+        """
+        turns_ahead = len(self._waiting) + 1
+        return max(1, math.ceil(self._mean_service_s * turns_ahead / self.max_running))
 
     # ------------------------------------------------------------ worker down / shutting down
 
     def hold(self) -> None:
-        """Stop handing out the turn (the worker is down); waiting requests keep their places."""
+        """Stop handing out turns (the worker is down); waiting requests keep their places."""
         self._held = True
 
     def resume(self) -> None:
-        """Hand out the turn again (the worker is back)."""
+        """Hand out turns again (the worker is back), up to `max_running`."""
         self._held = False
         self._hand_on()
 
@@ -159,17 +183,19 @@ class RequestQueue:
         return len(failed)
 
     def close(self, error: ErrorFactory) -> int:
-        """Fail every waiting request and refuse new ones with `error`; the running one runs on."""
+        """Fail every waiting request and refuse new ones with `error`; the running ones run on."""
         self._refusal = error
         return self.fail_waiting(error)
 
     # ------------------------------------------------------------ internals
 
+    def _turn_free(self) -> bool:
+        return not self._held and len(self._running) < self.max_running
+
     def _position(self, ticket: Ticket) -> int:
         if ticket.state is not TicketState.WAITING:
             return 0
-        ahead = 1 if self._running is not None or self._held else 0
-        return self._waiting.index(ticket) + ahead
+        return self._waiting.index(ticket) + 1
 
     def _release(self, ticket: Ticket) -> None:
         if ticket.state is TicketState.DONE:
@@ -182,13 +208,12 @@ class RequestQueue:
         if ticket.started_at is not None:
             took = time.monotonic() - ticket.started_at
             self._mean_service_s = 0.8 * self._mean_service_s + 0.2 * took
-        if self._running is ticket:
-            self._running = None
+        if ticket in self._running:
+            self._running.remove(ticket)
             self._hand_on()
 
     def _hand_on(self) -> None:
-        if self._held or self._running is not None or not self._waiting:
-            return
-        nxt = self._waiting.popleft()
-        self._running = nxt
-        nxt._start()
+        while self._waiting and self._turn_free():
+            nxt = self._waiting.popleft()
+            self._running.append(nxt)
+            nxt._start()

@@ -220,14 +220,15 @@ def _worker_health(served: ServedModel) -> dict[str, Any]:
         "failure": client.failure,
         "pid": hello.pid if hello else (served.process.pid if served.process else None),
         "local": served.process is not None,
-        "queue": {"waiting": served.queue.waiting, "running": served.queue.running, "max_waiting": served.queue.max_waiting},
+        "queue": {"waiting": served.queue.waiting, "running": served.queue.running_count, "max_waiting": served.queue.max_waiting},
         "seconds_since_heartbeat": round(time.monotonic() - client.last_seen, 3),
-        "running_request": stats.running_request if stats else None,
+        "running_requests": list(stats.running_requests) if stats else [],
         "restarts": served.restarts,
     }
     if hello is not None:
         out.update(
             context_limit=hello.context_limit,
+            max_batch=hello.max_batch,  # requests it runs at once: the queue's running limit
             cache_enabled=hello.cache_enabled,
             cacheable=hello.layout.cacheable,
             layer_kinds=sorted(set(hello.layout.layer_kinds)),
@@ -240,6 +241,9 @@ def _worker_health(served: ServedModel) -> dict[str, Any]:
             "sequences": pool.sequences,
             "checkpoints": pool.checkpoints,
             "evictions": pool.evictions,
+            "leases": pool.leases,
+            "pinned_sequences": pool.pinned_sequences,
+            "pinned_checkpoints": pool.pinned_checkpoints,
         }
     elif hello is not None:
         out["pool"] = {"bytes": 0, "capacity_bytes": hello.pool_capacity_bytes}

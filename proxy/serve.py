@@ -69,6 +69,7 @@ def config_from_options(values: dict) -> ProxyConfig:
             checkpoint_interval=values["checkpoint_interval"],
             no_cache=values["no_cache"],
             prefill_step=values["prefill_step"],
+            max_batch=values["max_batch"],
             heartbeat_timeout=values["heartbeat_timeout"],
             start_timeout=values["worker_start_timeout"],
             cache_dir=cache_dir,

@@ -3,8 +3,8 @@
 `open_served_model` brings one up (start the worker, handshake, load the
 tokenizer); `close_served_model` takes it down in the reverse order.
 `begin_shutdown` is the first step of a graceful stop: waiting requests get a
-clean 503 and the worker is no longer restarted, while the running request
-goes on. `ModelRegistry` maps request `model` names, aliases included, to them.
+clean 503 and the worker is no longer restarted, while the running requests
+go on. `ModelRegistry` maps request `model` names, aliases included, to them.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ async def open_served_model(
     endpoint: str,
 ) -> ServedModel:
     """Start (or reach) the worker for `spec`, handshake, load the tokenizer."""
-    queue = RequestQueue(config.max_queue)
+    queue = RequestQueue(config.max_queue)  # max_running: from the worker's Hello, by the supervisor
     supervisor = WorkerSupervisor(spec, config.worker, endpoint, context, queue)
     try:
         # On this (the main) thread: mlx_lm imports MLX, whose thread-local state
@@ -109,11 +109,12 @@ async def open_served_model(
         await supervisor.close()
         raise
     log.info(
-        "worker for %s ready: pid %d, context %d, cache %s, layers %s",
+        "worker for %s ready: pid %d, context %d, cache %s, batch %d, layers %s",
         spec.model_id,
         hello.pid,
         hello.context_limit,
         "on" if hello.cache_enabled else "off",
+        queue.max_running,
         ",".join(sorted(set(hello.layout.layer_kinds))),
     )
     return ServedModel(spec=spec, supervisor=supervisor, queue=queue, tokenizer=tokenizer)

@@ -7,7 +7,10 @@ holds the model's queue, kills what is left of a local worker, and brings a
 new one up with back-off (0.5 s, 1 s, 2 s ... capped; the back-off starts over
 after a healthy period). A remote worker is not ours to restart: the
 supervisor handshakes again until it answers. Requests queued meanwhile wait
-(up to `unavailable_timeout`, then 503) and run on the new worker.
+(up to `unavailable_timeout`, then 503) and run on the new worker. After every
+handshake the queue is told how many requests the worker runs at once (its
+Hello's `max_batch`): a local worker was asked with --max-batch, a remote one
+decides for itself.
 
 The socket side (handshake, frames, heartbeats) is `proxy.worker_client`.
 """
@@ -65,6 +68,8 @@ def worker_argv(spec: ModelSpec, options: WorkerOptions, endpoint: str) -> list[
         argv.append("--no-cache")
     if options.prefill_step is not None:
         argv += ["--prefill-step", str(options.prefill_step)]
+    if options.max_batch is not None:
+        argv += ["--max-batch", str(options.max_batch)]
     if options.cache_dir and not options.no_cache:
         argv += ["--cache-dir", options.cache_dir, "--disk-cache-bytes", str(options.disk_cache_bytes)]
     if options.memory_limit:
@@ -371,6 +376,18 @@ class WorkerSupervisor:
             )
 
     def _mark_up(self) -> None:
+        """The current client completed its handshake: before the queue resumes, match its batch size."""
         self.state = WorkerState.UP
         self.down_since = None
         self._up_since = time.monotonic()
+        assert self.client is not None and self.client.hello is not None
+        self._apply_max_batch(self.client.hello)
+
+    def _apply_max_batch(self, hello: Hello) -> None:
+        max_batch = hello.max_batch
+        if max_batch < 1:
+            log.warning("worker for %s says it runs %d requests at once; running 1", self.name, max_batch)
+            max_batch = 1
+        if max_batch != self.queue.max_running:
+            log.info("worker for %s runs up to %d request(s) at once", self.name, max_batch)
+        self.queue.set_max_running(max_batch)

@@ -2,8 +2,9 @@
 
 A zmq DEALER connects to the worker's ROUTER. After the Connect/Hello
 handshake one reader task owns receiving: it decodes every frame and hands
-per-request messages to that request's `RequestChannel`, keeps the latest
-Stats, and notices silence. A watchdog task pings a quiet worker and declares
+per-request messages to that request's `RequestChannel` (each part of a
+TokenFrame, the Tokens of several running requests, on its own), keeps the
+latest Stats, and notices silence. A watchdog task pings a quiet worker and declares
 it dead after `heartbeat_timeout` seconds without a frame; whoever watches the
 process (`proxy.supervisor`) calls `fail` when it exits. A dead worker fails
 every in-flight request with `WorkerUnavailable`, after telling `on_failure`
@@ -39,6 +40,7 @@ from protocol.messages import (
     Result,
     Shutdown,
     Stats,
+    TokenFrame,
     Tokens,
 )
 from proxy.errors import ApiError, WorkerUnavailable, from_worker_error
@@ -271,6 +273,14 @@ class WorkerClient:
         if isinstance(message, Hello):
             self.hello = message
             return
+        if isinstance(message, TokenFrame):
+            for part in message.parts:
+                self._hand_over(part)
+            return
+        self._hand_over(message)
+
+    def _hand_over(self, message: Message) -> None:
+        """Give a per-request message to its request's channel; drop it if that request is gone."""
         request_id = getattr(message, "request_id", None)
         if request_id is None:
             if isinstance(message, Error):

@@ -47,6 +47,8 @@ def test_lists_and_switches_from_each_source(tmp_path):
         ([], {}, "log_format = \"xml\"\n", "key log_format"),
         ([], {}, "port = true\n", "key port"),
         ([], {"MLX_CACHE_PROXY_NO_CACHE": "maybe"}, None, "MLX_CACHE_PROXY_NO_CACHE"),
+        (["--max-batch", "0"], {}, None, "flag --max-batch"),
+        ([], {"MLX_CACHE_PROXY_MAX_BATCH": "eight"}, None, "MLX_CACHE_PROXY_MAX_BATCH"),
     ],
 )
 def test_a_bad_value_is_an_error_naming_its_source(tmp_path, argv, env, toml, where):
@@ -69,3 +71,16 @@ def test_help_documents_every_option_and_its_variable():
     text = build_parser().format_help()
     for option in OPTIONS:
         assert option.dashed in text and option.env in text
+
+
+def test_max_batch_from_each_source_and_the_default_is_the_workers(tmp_path):
+    from worker.main import DEFAULT_MAX_BATCH
+
+    config = write_toml(tmp_path, "max-batch = 2\n")
+    assert resolve(["--config", config], environ={})["max_batch"] == 2
+    assert resolve(["--config", config], environ={"MLX_CACHE_PROXY_MAX_BATCH": "4"})["max_batch"] == 4
+    assert resolve(["--max-batch", "1"], environ={"MLX_CACHE_PROXY_MAX_BATCH": "4"})["max_batch"] == 1
+    # Nothing given: nothing forwarded, so the worker's own default is the only one.
+    assert resolve([], environ={})["max_batch"] is None
+    help_text = " ".join(build_parser().format_help().split())
+    assert f"(worker default: {DEFAULT_MAX_BATCH})" in help_text

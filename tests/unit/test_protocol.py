@@ -32,13 +32,17 @@ from protocol.messages import (
     Shutdown,
     Stats,
     Timings,
+    TokenFrame,
     TokenLogprob,
     Tokens,
     TopLogprob,
 )
 
 MEMORY = MemoryStats(active=11, peak=22, cache=33, device_total=44 << 30, recommended_working_set=40 << 30, pool_bytes=55)
-POOL = PoolStats(bytes=1000, capacity_bytes=8 << 30, sequences=3, checkpoints=7, evictions=2)
+POOL = PoolStats(
+    bytes=1000, capacity_bytes=8 << 30, sequences=3, checkpoints=7, evictions=2,
+    leases=2, pinned_sequences=1, pinned_checkpoints=4,
+)
 LAYOUT = CacheLayout(
     layer_kinds=["ArraysCache", "ArraysCache", "KVCache"],
     kv_bytes_per_token=256,
@@ -69,6 +73,7 @@ SAMPLES = [
         cache_enabled=False,
         pool_capacity_bytes=512 << 20,
         pid=4242,
+        max_batch=8,
     ),
     Generate(
         request_id="req-1",
@@ -99,20 +104,25 @@ SAMPLES = [
         first_cache_facts=FACTS,
     ),
     Tokens(request_id="req-1", tokens=[19], first_cache_facts=None),
+    TokenFrame(parts=[Tokens(request_id="req-1", tokens=[20]), Tokens(request_id="req-2", tokens=[3, 4])]),
+    TokenFrame(parts=[]),
     Result(
         request_id="req-1",
         finish_reason=FinishReason.ABORT,
         generated_tokens=5,
         facts=FACTS,
-        timings=Timings(restore_s=0.001, prefill_s=0.5, ttft_s=0.6, decode_s=1.25, total_s=1.9),
+        timings=Timings(
+            restore_s=0.001, prefill_s=0.5, ttft_s=0.6, decode_s=1.25, total_s=1.9,
+            decode_steps=4, batch_size_max=3, batch_size_mean=2.5,
+        ),
         memory=MEMORY,
     ),
     Abort(request_id="req-1"),
     Error(code=ErrorCode.CONTEXT_LENGTH_EXCEEDED, message="too long", request_id="req-1"),
     Error(code=ErrorCode.WORKER_DIED, message="gone", request_id=None),
     Ping(),
-    Stats(memory=MEMORY, pool=POOL, running_request="req-1"),
-    Stats(memory=MEMORY, pool=POOL, running_request=None),
+    Stats(memory=MEMORY, pool=POOL, running_requests=["req-1", "req-2"]),
+    Stats(memory=MEMORY, pool=POOL, running_requests=[]),
     Evict(target_bytes=1 << 20),
     Shutdown(),
 ]
@@ -144,6 +154,8 @@ def test_round_trip_keeps_types_of_nested_records_and_enums():
     assert type(result.facts.restore_kind) is RestoreKind
     tokens = decode(encode(SAMPLES[5]))
     assert type(tokens.logprobs[0].top[0]) is TopLogprob
+    frame = decode(encode(next(m for m in SAMPLES if isinstance(m, TokenFrame))))
+    assert [type(part) for part in frame.parts] == [Tokens, Tokens]
 
 
 def test_integer_is_accepted_for_a_float_field():
@@ -200,6 +212,10 @@ def test_garbage_bytes(data):
         ("generate", {"request_id": "r", "prompt_tokens": [1], "sampling": {"temperature": "hot"}}),
         ("error", {"code": "no_such_code", "message": "x"}),
         ("error", {"code": "internal_error", "message": "x", "request_id": 7}),
+        ("token_frame", {"parts": {"request_id": "r", "tokens": [1]}}),  # not a list
+        ("token_frame", {"parts": [{"request_id": "r", "tokens": ["1"]}]}),
+        ("token_frame", {"parts": [{"tokens": [1]}]}),  # a part without its request id
+        ("stats", {"memory": {}, "pool": {}, "running_requests": "req-1"}),
     ],
 )
 def test_wrong_field_type(kind, body):

@@ -1,4 +1,4 @@
-"""The per-worker FIFO: one at a time, in order, bounded, cancellation-safe."""
+"""The per-worker FIFO: up to max_running at once (one by default), in order, bounded, cancellation-safe."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ async def test_first_request_runs_at_once():
     ticket = queue.enter()
     assert ticket.state is TicketState.RUNNING
     assert await ticket.wait(0)
-    assert queue.running and queue.waiting == 0
+    assert queue.running_count == 1 and queue.waiting == 0
 
 
 async def test_fifo_order_and_one_at_a_time():
@@ -42,7 +42,7 @@ async def test_fifo_order_and_one_at_a_time():
         await asyncio.sleep(0)  # arrival order = creation order
     await asyncio.gather(*tasks)
     assert order == list(range(6))
-    assert not queue.running and queue.waiting == 0
+    assert queue.running_count == 0 and queue.waiting == 0
 
 
 async def test_bound_counts_waiting_requests():
@@ -92,7 +92,7 @@ async def test_cancelled_waiter_leaves_the_queue():
     assert second.state is TicketState.RUNNING
     assert await second.wait(0.1)
     second.release()
-    assert not queue.running
+    assert queue.running_count == 0
 
 
 async def test_turn_given_to_a_waiter_that_is_cancelled_is_passed_on():
@@ -123,7 +123,7 @@ async def test_release_is_idempotent_and_context_manager_releases():
         assert ticket.state is TicketState.RUNNING
     assert ticket.state is TicketState.DONE
     ticket.release()
-    assert not queue.running
+    assert queue.running_count == 0
 
 
 # ----------------------------------------------------------------- worker down, shutting down
@@ -135,7 +135,7 @@ async def test_held_queue_keeps_the_turn_until_resumed():
     queued = queue.enter()
     queue.hold()  # the worker died under `running`
     running.release()
-    assert queued.state is TicketState.WAITING and not queue.running
+    assert queued.state is TicketState.WAITING and queue.running_count == 0
     assert queued.position == 1  # the restart is ahead of it
     late = queue.enter()  # a request arriving while the worker is down waits too
     assert late.state is TicketState.WAITING
@@ -186,4 +186,148 @@ async def test_closed_queue_fails_waiting_and_refuses_new_but_lets_the_running_o
         queue.enter()
     assert running.state is TicketState.RUNNING
     running.release()
-    assert not queue.running
+    assert queue.running_count == 0
+
+
+# ----------------------------------------------------------------- several at once (continuous batching)
+
+
+async def test_several_run_at_once_up_to_the_limit_and_the_rest_wait_in_order():
+    queue = RequestQueue(max_waiting=5, max_running=3)
+    tickets = [queue.enter() for _ in range(5)]
+    assert [t.state for t in tickets[:3]] == [TicketState.RUNNING] * 3
+    assert all([await t.wait(0) for t in tickets[:3]])
+    assert [t.state for t in tickets[3:]] == [TicketState.WAITING] * 2
+    assert queue.running_count == 3 and queue.waiting == 2
+    tickets[1].release()  # any running one finishing frees a turn for the oldest waiter
+    assert tickets[3].state is TicketState.RUNNING and tickets[4].state is TicketState.WAITING
+    assert queue.running_count == 3 and queue.waiting == 1
+    for ticket in tickets:
+        ticket.release()
+    assert queue.running_count == 0 and queue.waiting == 0
+
+
+async def test_fifo_hand_on_never_exceeds_the_limit():
+    queue = RequestQueue(max_waiting=20, max_running=3)
+    started: list[int] = []
+    active = peak = 0
+
+    async def request(i: int, hold_s: float) -> None:
+        nonlocal active, peak
+        with queue.enter() as ticket:
+            await ticket.wait()
+            started.append(i)
+            active += 1
+            peak = max(peak, active)
+            await asyncio.sleep(hold_s)
+            active -= 1
+
+    tasks = []
+    for i in range(10):
+        tasks.append(asyncio.create_task(request(i, 0.005 * (1 + i % 3))))
+        await asyncio.sleep(0)  # arrival order = creation order
+    await asyncio.gather(*tasks)
+    assert started == list(range(10))  # turns go out in arrival order, whoever frees them
+    assert peak == 3
+    assert queue.running_count == 0 and queue.waiting == 0
+
+
+async def test_429_only_past_max_waiting_with_every_turn_taken():
+    queue = RequestQueue(max_waiting=2, max_running=2)
+    running = [queue.enter(), queue.enter()]
+    waiting = [queue.enter(), queue.enter()]
+    assert [t.state for t in waiting] == [TicketState.WAITING] * 2
+    with pytest.raises(QueueFull) as info:
+        queue.enter()
+    assert info.value.status == 429 and int(info.value.headers()["Retry-After"]) >= 1
+    running[0].release()
+    assert waiting[0].state is TicketState.RUNNING
+    queue.enter().release()  # a waiting place is free again
+    for ticket in running + waiting:
+        ticket.release()
+
+
+async def test_retry_after_accounts_for_the_turns_running_in_parallel():
+    one, four = RequestQueue(max_waiting=10), RequestQueue(max_waiting=10, max_running=4)
+    for queue in (one, four):
+        queue._mean_service_s = 10.0
+        for _ in range(queue.max_running + 7):  # every turn taken, 7 waiting
+            queue.enter()
+    assert one.retry_after() == 80  # 8 turn lengths, one at a time
+    assert four.retry_after() == 20  # the same line drains four at a time
+
+
+async def test_positions_count_the_waiting_line_only():
+    queue = RequestQueue(max_waiting=5, max_running=2)
+    running = [queue.enter(), queue.enter()]
+    first, second, third = queue.enter(), queue.enter(), queue.enter()
+    assert [t.position for t in running] == [0, 0]
+    assert (first.position, second.position, third.position) == (1, 2, 3)
+    second.release()  # a waiter leaving moves those behind it up
+    assert (first.position, third.position) == (1, 2)
+    running[0].release()
+    assert (first.position, third.position) == (0, 1)
+    for ticket in (running[1], first, third):
+        ticket.release()
+
+
+async def test_hold_and_resume_with_several_running():
+    queue = RequestQueue(max_waiting=5, max_running=3)
+    running = [queue.enter() for _ in range(3)]
+    queued = [queue.enter(), queue.enter()]
+    queue.hold()  # the worker died under all three
+    for ticket in running:
+        ticket.release()
+    assert queue.running_count == 0 and [t.state for t in queued] == [TicketState.WAITING] * 2
+    late = [queue.enter(), queue.enter()]  # arrivals while the worker is down wait too
+    assert [t.position for t in queued + late] == [1, 2, 3, 4]
+    queue.resume()
+    assert [t.state for t in queued + late[:1]] == [TicketState.RUNNING] * 3
+    assert late[1].state is TicketState.WAITING and late[1].position == 1
+    for ticket in queued + late:
+        ticket.release()
+    assert queue.running_count == 0
+
+
+async def test_set_max_running_hands_out_new_turns_and_a_lower_limit_lets_the_running_finish():
+    queue = RequestQueue(max_waiting=10)
+    tickets = [queue.enter() for _ in range(5)]
+    assert queue.running_count == 1
+    queue.set_max_running(4)  # the worker said hello with max_batch=4
+    assert [t.state for t in tickets] == [TicketState.RUNNING] * 4 + [TicketState.WAITING]
+    queue.set_max_running(2)  # a worker that runs fewer: nobody is taken back
+    assert queue.running_count == 4
+    for ticket in tickets[:2]:
+        ticket.release()
+    assert tickets[4].state is TicketState.WAITING  # still 2 running: no free turn
+    tickets[2].release()
+    assert tickets[4].state is TicketState.RUNNING and queue.running_count == 2
+    for ticket in tickets:
+        ticket.release()
+    with pytest.raises(ValueError):
+        queue.set_max_running(0)
+
+
+async def test_set_max_running_while_held_waits_for_resume():
+    queue = RequestQueue(max_waiting=5)
+    queue.hold()
+    waiting = [queue.enter(), queue.enter()]
+    queue.set_max_running(2)  # the new worker's Hello arrives before the supervisor resumes
+    assert [t.state for t in waiting] == [TicketState.WAITING] * 2
+    queue.resume()
+    assert [t.state for t in waiting] == [TicketState.RUNNING] * 2
+    for ticket in waiting:
+        ticket.release()
+
+
+async def test_closed_queue_lets_every_running_request_finish():
+    queue = RequestQueue(max_waiting=5, max_running=2)
+    running = [queue.enter(), queue.enter()]
+    waiting = queue.enter()
+    assert queue.close(lambda: ShuttingDown("bye")) == 1
+    with pytest.raises(ShuttingDown):
+        await waiting.wait(0.1)
+    assert [t.state for t in running] == [TicketState.RUNNING] * 2
+    for ticket in running:
+        ticket.release()
+    assert queue.running_count == 0

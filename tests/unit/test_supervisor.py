@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import zmq
@@ -13,7 +15,7 @@ from protocol.messages import Connect, MemoryStats, Ping, PoolStats, Stats
 from proxy.config import ModelSpec, WorkerOptions
 from proxy.errors import WorkerUnavailable
 from proxy.request_queue import RequestQueue, TicketState
-from proxy.supervisor import Backoff, WorkerState, WorkerSupervisor
+from proxy.supervisor import Backoff, WorkerState, WorkerSupervisor, worker_argv
 from tests.unit.test_worker_client import HELLO
 
 OPTIONS = WorkerOptions(
@@ -36,6 +38,7 @@ class FakeRemoteWorker:
         port = self.socket.bind_to_random_port("tcp://127.0.0.1")
         self.endpoint = f"tcp://127.0.0.1:{port}"
         self.alive = True
+        self.hello = HELLO  # what it answers a Connect with
         self.connects = 0
         self._missed: list[list[bytes]] = []
         self._task = asyncio.create_task(self._serve())
@@ -47,7 +50,7 @@ class FakeRemoteWorker:
             if isinstance(message, Connect):
                 self.connects += 1
                 if self.alive:
-                    await self.socket.send_multipart([envelope, encode(HELLO)])
+                    await self.socket.send_multipart([envelope, encode(self.hello)])
                 else:
                     self._missed.append(envelope)
             elif isinstance(message, Ping) and self.alive:
@@ -57,7 +60,7 @@ class FakeRemoteWorker:
     async def come_back(self) -> None:
         self.alive = True
         for envelope in self._missed:
-            await self.socket.send_multipart([envelope, encode(HELLO)])
+            await self.socket.send_multipart([envelope, encode(self.hello)])
         self._missed.clear()
 
     async def close(self) -> None:
@@ -167,3 +170,34 @@ async def test_backoff_grows_while_the_worker_keeps_dying_and_starts_over_after_
         assert supervisor.restarts == 3
     finally:
         await supervisor.close()
+
+
+async def test_the_queue_runs_as_many_as_each_hello_says(remote):
+    remote.hello = replace(HELLO, max_batch=3)
+    supervisor, queue = supervisor_for(remote)
+    try:
+        await supervisor.start()
+        assert queue.max_running == 3
+        running = [queue.enter() for _ in range(4)]
+        assert [t.state for t in running] == [TicketState.RUNNING] * 3 + [TicketState.WAITING]
+        remote.alive = False
+        await wait_for_state(supervisor, WorkerState.DOWN)
+        for ticket in running[:3]:  # their requests failed with the worker
+            ticket.release()
+        queued = [running[3], queue.enter()]
+        assert [t.state for t in queued] == [TicketState.WAITING] * 2  # held: nothing to a dead worker
+        remote.hello = replace(HELLO, max_batch=1)  # it comes back running one at a time
+        await remote.come_back()
+        assert await queued[0].wait(5.0)
+        assert queue.max_running == 1 and queued[1].state is TicketState.WAITING
+        for ticket in queued:
+            ticket.release()
+    finally:
+        await supervisor.close()
+
+
+def test_a_local_worker_is_asked_for_max_batch_only_when_one_was_chosen():
+    spec = ModelSpec(model_id="m", path=Path("/models/m"))
+    argv = worker_argv(spec, WorkerOptions(max_batch=4), "ipc:///tmp/w.sock")
+    assert argv[argv.index("--max-batch") + 1] == "4"
+    assert "--max-batch" not in worker_argv(spec, WorkerOptions(), "ipc:///tmp/w.sock")  # the worker's default

@@ -11,6 +11,7 @@ import zmq.asyncio
 
 from protocol.codec import decode, encode
 from protocol.messages import (
+    PROTOCOL_VERSION,
     CacheFacts,
     CacheLayout,
     Connect,
@@ -27,13 +28,14 @@ from protocol.messages import (
     SamplingParams,
     Stats,
     Timings,
+    TokenFrame,
     Tokens,
 )
 from proxy.errors import ContextLengthExceeded, WorkerUnavailable
 from proxy.worker_client import WorkerClient, WorkerStartError, WorkerVersionMismatch
 
 HELLO = Hello(
-    protocol_version=1,
+    protocol_version=PROTOCOL_VERSION,
     model_id="m",
     context_limit=1024,
     vocab_size=100,
@@ -156,6 +158,31 @@ async def test_messages_reach_their_request_in_order(zmq_context, router):
     with pytest.raises(ContextLengthExceeded):
         await second.get(1)
     assert client.stats is not None and client.stats.pool.bytes == 7
+    await client.close(shutdown=False)
+
+
+async def test_token_frame_parts_reach_their_requests_as_lone_tokens_would(zmq_context, router):
+    socket, _ = router
+    client, envelope = await connected(zmq_context, router)
+    a, b, c = client.submit(generate("a")), client.submit(generate("b")), client.submit(generate("c"))
+    for _ in range(3):
+        await socket.recv_multipart()
+    for message in (
+        TokenFrame([Tokens("a", [1], first_cache_facts=FACTS), Tokens("b", [2]), Tokens("gone", [9])]),
+        Result("c", FinishReason.STOP, 0, FACTS, Timings(), MemoryStats()),
+        TokenFrame([Tokens("b", [3]), Tokens("c", [4]), Tokens("a", [5, 6])]),  # c finished: its part is dropped
+        Tokens("b", [7]),
+        Result("a", FinishReason.LENGTH, 3, FACTS, Timings(decode_steps=2, batch_size_max=2), MemoryStats()),
+    ):
+        await socket.send_multipart([envelope, encode(message)])
+    first = await a.get(1)
+    assert first.tokens == [1] and first.first_cache_facts == FACTS
+    assert (await a.get(1)).tokens == [5, 6]
+    result = await a.get(1)
+    assert isinstance(result, Result) and result.timings.batch_size_max == 2 and a.finished
+    assert [(await b.get(1)).tokens for _ in range(3)] == [[2], [3], [7]]
+    assert isinstance(await c.get(1), Result) and await c.get(0.1) is None
+    assert client.alive and set(client._channels) == {"b"}
     await client.close(shutdown=False)
 
 
