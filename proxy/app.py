@@ -70,6 +70,10 @@ async def api_errors(request: web.Request, handler: Handler) -> web.StreamRespon
         )
     except web.HTTPException:
         raise
+    except ConnectionResetError:
+        # The client left while its response was being started: nobody to answer (status 499 in the log).
+        log.info("client of %s %s went away before the response began", request.method, request.path)
+        return web.Response(status=499)  # never reaches anyone; aiohttp drops it quietly
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
         return _error_response(request, InternalError("internal error; see the server log"))

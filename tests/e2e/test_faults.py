@@ -137,7 +137,8 @@ def reference(nocache_proxy) -> dict:
 def test_kill_9_fails_the_running_request_and_the_queued_ones_run_on_the_restarted_worker(
     tiny_model, log_dir, reference
 ):
-    with running_proxy(tiny_model, log_dir, "--keepalive-interval", "0.2", name="kill9") as server:
+    # One request in flight, the rest queued in the proxy (batching's own kill test is in test_soak).
+    with running_proxy(tiny_model, log_dir, "--keepalive-interval", "0.2", "--max-batch", "1", name="kill9") as server:
         c = client(server)
         first_pid = worker(server)["pid"]
         pids = [first_pid]
@@ -191,7 +192,7 @@ def test_kill_9_fails_the_running_request_and_the_queued_ones_run_on_the_restart
 
 
 def test_hung_worker_is_detected_by_missed_heartbeats_and_restarted(tiny_model, log_dir, reference):
-    with running_proxy(tiny_model, log_dir, "--heartbeat-timeout", "3", name="hung") as server:
+    with running_proxy(tiny_model, log_dir, "--heartbeat-timeout", "3", "--max-batch", "1", name="hung") as server:
         hung_pid = worker(server)["pid"]
         chunks = iter(client(server).chat.completions.create(
             model="default_model", messages=reference["long_messages"], max_tokens=LONG, stream=True
@@ -226,7 +227,8 @@ def test_remote_worker_that_comes_back_is_reconnected_and_queued_requests_comple
 ):
     worker_port, port = free_port(), free_port()
     worker_argv = [sys.executable, "-m", "proxy.cli", "worker", "--model", str(tiny_model),
-                   "--endpoint", f"tcp://127.0.0.1:{worker_port}", "--heartbeat-interval", "0.5"]  # fmt: skip
+                   "--endpoint", f"tcp://127.0.0.1:{worker_port}", "--heartbeat-interval", "0.5",
+                   "--max-batch", "1"]  # fmt: skip
     remote = launch(worker_argv, worker_port, log_dir / "remote-worker-1.log")
     argv = [sys.executable, "-m", "proxy.cli", "serve", "--worker", f"{tiny_model}=tcp://127.0.0.1:{worker_port}",
             "--port", str(port), "--heartbeat-timeout", "2"]  # fmt: skip
@@ -263,7 +265,7 @@ def test_remote_worker_that_comes_back_is_reconnected_and_queued_requests_comple
 def test_sigterm_finishes_the_running_request_answers_the_queued_with_503_and_exits_0(
     tiny_model, log_dir, reference
 ):
-    with running_proxy(tiny_model, log_dir, name="drain") as server:
+    with running_proxy(tiny_model, log_dir, "--max-batch", "1", name="drain") as server:
         pid = worker(server)["pid"]
         c = client(server)
         chunks = iter(c.chat.completions.create(

@@ -235,7 +235,9 @@ def test_unknown_model_is_forwarded_to_the_upstream(proxy, nocache_proxy):
 
 @pytest.fixture(scope="module")
 def tuned_proxy(tiny_model, log_dir):
-    with running_proxy(tiny_model, log_dir, "--max-queue", "1", "--keepalive-interval", "0.2", name="tuned") as server:
+    # One at a time, so that requests queue: the queue's limits are what this proxy tests.
+    args = ("--max-queue", "1", "--keepalive-interval", "0.2", "--max-batch", "1")
+    with running_proxy(tiny_model, log_dir, *args, name="tuned") as server:
         yield server
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import signal
 import re
 import time
 import urllib.request
@@ -129,9 +131,10 @@ async def watch_pool(server: Server, peaks: list[int], stop: asyncio.Event) -> N
     async with aiohttp.ClientSession() as session:
         while not stop.is_set():
             async with session.get(f"{server.root}/health") as response:
-                pool = (await response.json())["workers"][0]["pool"]
-                assert pool["capacity_bytes"] == CACHE_BYTES
-                peaks.append(pool["bytes"])
+                pool = (await response.json())["workers"][0].get("pool")  # none while a worker restarts
+                if pool is not None:
+                    assert pool["capacity_bytes"] == CACHE_BYTES
+                    peaks.append(pool["bytes"])
             await asyncio.sleep(0.2)
 
 
@@ -202,3 +205,90 @@ async def test_soak_with_client_aborts(tiny_model, log_dir, expected):
         assert "status=client_gone" in log
     assert server.process.returncode == 0
     print(f"soak: {N_REQUESTS} requests, {aborted} aborted, {took:.1f}s, pool peak {max(peaks)} B")
+
+
+# ----------------------------------------------------------------- batched, with a worker killed mid-way
+
+BATCHED_REQUESTS = 300
+BATCHED_CLIENTS = 12
+BATCHED_BOUND_S = 240.0
+
+
+async def _answer_or_failure(session, url, job, messages, max_tokens) -> tuple[str, Optional[str]]:
+    """("ok", text), ("aborted", None), or ("failed", why) for a request the killed worker was running."""
+    try:
+        text = await run_job(session, url, job, messages, max_tokens)
+    except AssertionError as exc:
+        return "failed", str(exc)
+    return ("aborted", None) if text is None else ("ok", text)
+
+
+async def test_batched_soak_with_aborts_and_a_worker_kill(tiny_model, log_dir, expected):
+    """300 requests from 12 clients, batching on, random aborts, kill -9 of the worker at the half.
+
+    None is lost: every request gets its reply, its planned abort, or (only those the killed worker
+    was running) an error that names the worker; the queued ones finish on the restarted worker.
+    Afterwards the pool is inside its budget and holds no lease.
+    """
+    prompts = conversations()
+    rng = random.Random(SEED + 1)
+    jobs = []
+    for index in range(BATCHED_REQUESTS):
+        job = Job(index, rng.randrange(len(prompts)), stream=rng.random() < 0.5)
+        if rng.random() < 0.2:
+            if job.stream:
+                job.abort_after_events = rng.randint(1, 3)
+            else:
+                job.abort_timeout = rng.uniform(0.005, 0.1)
+        jobs.append(job)
+    with running_proxy(tiny_model, log_dir, "--cache-bytes", str(CACHE_BYTES), name="soak-batched") as server:
+        first_pid = health(server)["workers"][0]["pid"]
+        max_batch = health(server)["workers"][0]["max_batch"]
+        assert max_batch > 1
+        url = f"{server.base_url}/chat/completions"
+        todo: asyncio.Queue[Job] = asyncio.Queue()
+        for job in jobs:
+            todo.put_nowait(job)
+        results: dict[int, tuple[str, Optional[str]]] = {}
+        killed = asyncio.Event()
+
+        async def client_loop() -> None:
+            async with aiohttp.ClientSession() as session:
+                while not todo.empty():
+                    job = todo.get_nowait()
+                    messages, max_tokens = prompts[job.prompt]
+                    results[job.index] = await _answer_or_failure(session, url, job, messages, max_tokens)
+                    if len(results) == BATCHED_REQUESTS // 2 and not killed.is_set():
+                        killed.set()
+                        os.kill(first_pid, signal.SIGKILL)
+
+        peaks: list[int] = []
+        stop_watch = asyncio.Event()
+        watcher = asyncio.create_task(watch_pool(server, peaks, stop_watch))
+        try:
+            await asyncio.wait_for(asyncio.gather(*(client_loop() for _ in range(BATCHED_CLIENTS))), BATCHED_BOUND_S)
+        finally:
+            stop_watch.set()
+            await watcher
+
+        assert killed.is_set() and len(results) == BATCHED_REQUESTS  # none lost
+        failed = {i: why for i, (kind, why) in results.items() if kind == "failed"}
+        # Only what the killed worker had in flight fails, and says why.
+        assert len(failed) <= max_batch, failed
+        assert all("unavailable" in why or "worker" in why for why in failed.values()), failed
+        answered = {i: text for i, (kind, text) in results.items() if kind == "ok"}
+        wrong = [i for i, text in answered.items() if text != expected[jobs[i].prompt]]
+        assert not wrong, f"{len(wrong)} replies differ from a cold run, e.g. request {wrong[0]}"
+        assert len(answered) >= BATCHED_REQUESTS * 0.7
+
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            status = health(server)["workers"][0]
+            if not status["queue"]["running"] and status["pool"].get("leases") == 0:
+                break
+            await asyncio.sleep(0.2)
+        assert status["alive"] and status["pid"] != first_pid  # restarted
+        assert status["pool"]["leases"] == 0 and status["pool"]["pinned_sequences"] == 0
+        assert max(peaks + [status["pool"]["bytes"]]) <= CACHE_BYTES
+    print(f"batched soak: {BATCHED_REQUESTS} requests, {len(failed)} failed with the killed worker, "
+          f"{BATCHED_REQUESTS - len(answered) - len(failed)} aborted")
