@@ -6,7 +6,11 @@
    (synthetic cache arrays in a real tiny qwen3_next cache, 1K..16K tokens);
 2. lookup: plan() for a 100K-token prompt against a pool of 50 stored sequences;
 3. memory: pool bytes after a 20-turn conversation against the KV of its longest sequence;
-4. interval: recomputed tokens, snapshot bytes and snapshot overhead per checkpoint interval.
+4. interval: recomputed tokens, snapshot bytes and snapshot overhead per checkpoint interval;
+5. eviction: commit + evict per request with 50..5,000 stored sequences under a budget that
+   forces eviction on every commit (the pool's own bookkeeping, over fake caches).
+
+`--only eviction` runs one section.
 """
 
 from __future__ import annotations
@@ -180,10 +184,50 @@ def bench_interval(model_dir: Path) -> list[dict]:
     return rows
 
 
+def bench_eviction(sizes=(50, 200, 800, 1600, 5000), requests: int = 300) -> list[dict]:
+    """Agents over one system prompt; the budget holds `n` of them, so every commit evicts."""
+    rows = []
+    rng = random.Random(3)
+    system = list(range(1000, 1100))
+    for n in sizes:
+        per_sequence = 170 * 10 + 6 * 7  # FakeOps: 10 B a token, 7 B a snapshot
+        pool = CheckpointPool(FakeOps(True), n * per_sequence, 64, 16)
+
+        def one(i: int) -> float:
+            prompt = system + [2000 + i % 97, 3000 + i] + [rng.randrange(10, 900) for _ in range(60)]
+            started = time.perf_counter()
+            lease = pool.lease(prompt, [len(system)])
+            for token in prompt[lease.plan.restore_point:]:
+                lease.cache.append(token)
+            taken = [TakenCheckpoint(pos, kind, pool.ops.snapshot(lease.cache[:pos], pos))
+                     for pos, kind in lease.plan.checkpoints_to_take.items()]
+            pool.commit(lease, prompt, len(prompt), taken)
+            return time.perf_counter() - started
+
+        for i in range(int(n * 1.2)):  # fill past the budget
+            one(i)
+        times = [one(n * 2 + i) * 1000 for i in range(requests)]
+        rows.append({
+            "stored_sequences": len(pool.sequences),
+            "budget_sequences": n,
+            "commit_evict_ms_median": statistics.median(times),
+            "commit_evict_ms_p95": sorted(times)[int(0.95 * len(times))],
+            "evictions": pool.evictions,
+        })
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--only", choices=["eviction"], default=None)
     args = parser.parse_args()
+    if args.only == "eviction":
+        results = {"eviction": bench_eviction()}
+        print_eviction(results["eviction"])
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_model("qwen3_next", Path(tmp) / "qwen3_next", seed=0)
         results = {
@@ -191,6 +235,7 @@ def main() -> None:
             "lookup": bench_lookup(),
             "conversation_memory": bench_conversation_memory(model_dir),
             "interval": bench_interval(model_dir),
+            "eviction": bench_eviction(),
         }
     print("restore (continue a stored sequence in place):")
     for row in results["restore"]:
@@ -209,8 +254,16 @@ def main() -> None:
         print(f"  {row['interval']:>5}: recomputed beyond the question {row['mean_recomputed_beyond_question']:.0f} tok, "
               f"snapshots {row['snapshot_bytes']} B, 1K prefill {row['prefill_1k_with_checkpoints_s']:.2f} s "
               f"vs uncached {row['prefill_1k_uncached_s']:.2f} s")
+    print_eviction(results["eviction"])
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+
+
+def print_eviction(rows: list[dict]) -> None:
+    print("commit + evict per request, budget forcing eviction:")
+    for row in rows:
+        print(f"  {row['stored_sequences']:>5} stored sequences: median {row['commit_evict_ms_median']:.2f} ms, "
+              f"p95 {row['commit_evict_ms_p95']:.2f} ms ({row['evictions']} evictions)")
 
 
 if __name__ == "__main__":
