@@ -74,6 +74,7 @@ MODEL_NAME = "default_model"  # both servers' name for the model given on the co
 DEFAULT_ARCHS = "qwen3_next,gemma3_text,llama"
 PROXY, UPSTREAM = "proxy", "mlx_lm.server"
 BIG = 1 << 40  # "no budget": the same for both servers
+UPSTREAM_CACHE_SIZE = 100_000  # mlx_lm.server --prompt-cache-size: entries effectively unlimited, like the proxy
 
 # mlx_lm.server, plus one log line with the exact prompt-cache bytes.
 UPSTREAM_SHIM = """\
@@ -696,9 +697,14 @@ def print_table(rows: list[Row]) -> None:
             f"{r.median_ttft_ms:.0f}" if r.median_ttft_ms is not None else "-", fmt_bytes(r.cache_bytes),
             f"{r.peak_rss_bytes / 2**20:.0f}" if r.peak_rss_bytes else "-",
         ])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    print_aligned(lines, left=3)
+
+
+def print_aligned(lines: list[list[str]], left: int) -> None:
+    """A header line, a rule, then the rows; the first `left` columns left-aligned, the rest right-aligned."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     for i, line in enumerate(lines):
-        print("  ".join(cell.ljust(w) if j < 3 else cell.rjust(w) for j, (cell, w) in enumerate(zip(line, widths))))
+        print("  ".join(cell.ljust(w) if j < left else cell.rjust(w) for j, (cell, w) in enumerate(zip(line, widths))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
 
@@ -754,7 +760,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--speed-rounds", type=int, default=5, help="interleaved rounds of the decode measurement")
     p.add_argument("--tiny-requests", type=int, default=8)
     p.add_argument("--no-speed", action="store_true", help="skip the decode / overhead measurement")
-    p.add_argument("--upstream-cache-size", type=int, default=100_000,
+    p.add_argument("--upstream-cache-size", type=int, default=UPSTREAM_CACHE_SIZE,
                    help="mlx_lm.server --prompt-cache-size (default: effectively unlimited, like the proxy)")
     p.add_argument("--start-timeout", type=float, default=120.0)
     p.add_argument("--proxy-disk-tier", action="store_true",
@@ -781,8 +787,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     load_before = os.getloadavg()
-    command = " ".join([".venv/bin/python", "-m", "tests.benchmarks.bench_vs_upstream",
-                        *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("tests.benchmarks.bench_vs_upstream", argv)
     workloads = [w for w in wl.WORKLOADS if w.name in args.workloads]
     size = wl.SIZES[args.size]
     rows: list[Row] = []
@@ -838,9 +843,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"cache budget [{where}]: {b['budget_bytes']:,} B "
                   f"({b['fraction']:.0%} of an estimated {b['estimated_total_bytes']:,} B)")
         load = {"before": load_before, "after": os.getloadavg()}
-        print(f"\ncommand: {command}\nruntime: {runtime:.0f} s; load average (1/5/15 min) before "
-              f"{'/'.join(f'{x:.1f}' for x in load['before'])}, after {'/'.join(f'{x:.1f}' for x in load['after'])} "
-              f"on {os.cpu_count()} CPUs")
+        print_run(command, runtime, load)
         if args.json:
             write_json(args, command, runtime, rows, speeds, budgets, misses, load)
             print(f"wrote {args.json}")
@@ -886,11 +889,23 @@ def git_state() -> dict:
     return {"commit": git("rev-parse", "HEAD"), "changed_files": git("status", "--short").splitlines()}
 
 
-def write_json(args, command, runtime, rows, speeds, budgets, misses, load) -> None:
+def command_line(module: str, argv: Optional[list[str]]) -> str:
+    """How this run was started, for the report."""
+    return " ".join([".venv/bin/python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
+
+
+def print_run(command: str, runtime: float, load: dict) -> None:
+    print(f"\ncommand: {command}\nruntime: {runtime:.0f} s; load average (1/5/15 min) before "
+          f"{'/'.join(f'{x:.1f}' for x in load['before'])}, after {'/'.join(f'{x:.1f}' for x in load['after'])} "
+          f"on {os.cpu_count()} CPUs")
+
+
+def run_header(args: argparse.Namespace, command: str, runtime: float, load: dict) -> dict:
+    """What every benchmark's JSON starts with: when, how, on what, from which tree, with which settings."""
     import mlx.core as mx
     import mlx_lm
 
-    data = {
+    return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         "runtime_s": runtime,
@@ -899,6 +914,12 @@ def write_json(args, command, runtime, rows, speeds, budgets, misses, load) -> N
         "versions": {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__},
         "git": git_state(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+
+
+def write_json(args, command, runtime, rows, speeds, budgets, misses, load) -> None:
+    data = {
+        **run_header(args, command, runtime, load),
         "size": asdict(wl.SIZES[args.size]),
         "rows": [{**asdict(r), "cached_over_oracle": r.share} for r in rows],
         "speed": speeds,

@@ -1,4 +1,5 @@
-"""The benchmark's workload scripts and oracle on fake token lists: pure logic, no model, no server."""
+"""The benchmarks' workload scripts, oracle and bookkeeping on fake data: pure logic, no model, no server;
+and one short run of bench_batching through real servers (slow), so that it stays runnable."""
 
 from __future__ import annotations
 
@@ -206,3 +207,55 @@ def test_targets_name_every_miss():
                cache_bytes=900)
     assert check_targets([good, theirs], {"llama": {"in_process": {"decode_tps_best": 100.0},
                                                     PROXY: {"decode_tps_best": 96.0}}}) == []
+
+
+def test_batching_ratios_pair_rounds_and_checks_name_every_miss():
+    from tests.benchmarks.bench_batching import CHAT, PROXY, PROXY_MB1, SHARED, UPSTREAM, Row, check_targets, ratios_of
+
+    def row(workload, n, server, round_, wall, cached, decode=100.0):
+        return Row("llama", workload, n, server, round_, wall_s=wall, cached_tokens=cached, decode_tok_s=decode)
+
+    rows = [
+        # N=4: round 0 meets every target, round 1 is slower on both proxies; ratios come from same-round pairs
+        row(CHAT, 4, PROXY, 0, 1.0, 100), row(CHAT, 4, PROXY_MB1, 0, 4.0, 100), row(CHAT, 4, UPSTREAM, 0, 2.0, 90),
+        row(CHAT, 4, PROXY, 1, 3.0, 100), row(CHAT, 4, PROXY_MB1, 1, 6.0, 100), row(CHAT, 4, UPSTREAM, 1, 2.0, 90),
+        row(CHAT, 4, PROXY, 2, 2.0, 99), row(CHAT, 4, PROXY_MB1, 2, 5.0, 100), row(CHAT, 4, UPSTREAM, 2, 2.0, 90),
+        row(CHAT, 1, PROXY, 0, 1.0, 0, decode=90.0), row(CHAT, 1, PROXY_MB1, 0, 1.0, 0, decode=100.0),
+        row(SHARED, 4, PROXY, 0, 2.0, 500), row(SHARED, 4, PROXY_MB1, 0, 2.0, 500),
+    ]
+    ratios = ratios_of(rows)
+    four = ratios[("llama", CHAT, 4)]
+    assert four["wall_vs_mb1"].median == pytest.approx(0.4) and four["wall_vs_mb1"].high == 0.5
+    assert four["wall_vs_upstream"].median == 1.0 and four["wall_vs_upstream"].low == 0.5
+    assert four["cached_vs_mb1"].low == pytest.approx(0.99)
+    assert "decode_vs_mb1" not in four and ratios[("llama", CHAT, 1)]["cached_vs_mb1"] is None
+    missed = {(c.where, c.ratio) for c in check_targets(ratios) if c.met is False}
+    assert missed == {
+        ("llama/chat/N=4", "cached proxy/max-batch-1"),  # judged on every round
+        ("llama/chat/N=1", "decode tok/s proxy/max-batch-1"),
+        ("llama/shared/N=4", "wall proxy/max-batch-1"),  # must beat, not equal
+    }
+
+
+@pytest.mark.slow
+def test_bench_batching_runs(tmp_path):
+    """Both proxies, one arch, two clients, one round, a few tokens: every request answered, second turns cached."""
+    import json
+
+    from tests.benchmarks import bench_batching
+
+    out = tmp_path / "batching.json"
+    assert bench_batching.main([
+        "--archs", "llama", "--rounds", "1", "--ns", "2", "--shared-agents", "2", "--turns", "2",
+        "--max-tokens", "4", "--system-words", "30", "--shared-words", "60", "--servers", "proxy,proxy-mb1",
+        "--json", str(out),
+    ]) == 0
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert {(r["workload"], r["server"]) for r in rows} == {
+        (w, s) for w in ("chat", "shared") for s in ("proxy", "proxy-mb1")}
+    for r in rows:
+        assert r["error"] is None
+        assert r["requests"] == 4 and r["completion_tokens"] > 0 and r["wall_s"] > 0
+        assert r["cached_tokens"] > 0 and r["cpu_s"] > 0
+    assert {(c["where"], c["ratio"]) for c in data["checks"]} >= {("llama/shared/N=2", "cached proxy/max-batch-1")}

@@ -133,10 +133,11 @@ class Prose:
 # ------------------------------------------------------------------ scripts
 
 
-def chat(size: Size, seed: int = 1, turns: Optional[int] = None) -> Script:
-    """(a) One conversation growing turn by turn."""
+def chat(size: Size, seed: int = 1, turns: Optional[int] = None, system: Optional[str] = None) -> Script:
+    """(a) One conversation growing turn by turn; its own system prompt unless given one."""
     prose = Prose(seed)
-    messages: list[Message] = [{"role": "system", "content": prose.text(size.chat_system_words)}]
+    system = prose.text(size.chat_system_words) if system is None else system
+    messages: list[Message] = [{"role": "system", "content": system}]
     for turn in range(turns or size.chat_turns):
         messages.append({"role": "user", "content": prose.text(size.chat_user_words)})
         step = _step(messages, f"turn{turn}")
