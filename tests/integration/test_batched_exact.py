@@ -66,15 +66,7 @@ def submit(loop: StepLoop, rid: str, prompt: list[int], vocab: int, abort_after:
 
 def run_alone(runner: Runner, prompt: list[int]):
     """The request alone through `runner`'s engine, with this module's max_tokens."""
-    tokens, logprobs = [], []
-
-    def emit(message):
-        tokens.extend(getattr(message, "tokens", []))
-        logprobs.extend(getattr(message, "logprobs", []))
-
-    sampling = SamplingParams(max_tokens=MAX_TOKENS, top_logprobs=runner.engine.vocab_size)
-    result = runner.engine.generate(Generate("alone", list(prompt), sampling), emit, lambda: False)
-    return tokens, logprobs, result.facts
+    return runner.run(prompt, max_tokens=MAX_TOKENS)
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)

@@ -25,14 +25,14 @@ class Runner:
         config = EngineConfig(checkpoint_interval=INTERVAL, prefill_step=64, cache_enabled=cache_enabled)
         self.engine = load_engine(str(path), config)
 
-    def run(self, prompt, hints=()):
+    def run(self, prompt, hints=(), max_tokens=MAX_TOKENS):
         tokens, logprobs = [], []
 
         def emit(message):
             tokens.extend(getattr(message, "tokens", []))
             logprobs.extend(getattr(message, "logprobs", []))
 
-        sampling = SamplingParams(max_tokens=MAX_TOKENS, top_logprobs=self.engine.vocab_size)
+        sampling = SamplingParams(max_tokens=max_tokens, top_logprobs=self.engine.vocab_size)
         result = self.engine.generate(Generate("t", list(prompt), sampling, list(hints)), emit, lambda: False)
         return tokens, logprobs, result.facts
 
