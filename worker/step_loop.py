@@ -87,7 +87,6 @@ class Running:
     batch_sum: int = 0
     batch_max: int = 1
     waiting_for: Optional["Running"] = None
-    logged_wait: bool = False
 
     @property
     def prompt(self) -> list[int]:
@@ -143,7 +142,8 @@ class StepLoop:
             for r in list(self.waiting):
                 self._finish_unstarted(r)
             self.waiting.clear()
-            for r in list(self.prefilling):
+            prefilling, self.prefilling = self.prefilling, []
+            for r in prefilling:
                 self._retire_prefill(r, FinishReason.ABORT)
             for rid in list(self.decoding):
                 self._retire_decoding(rid, FinishReason.ABORT, removed=True)
