@@ -134,9 +134,6 @@ class Engine:
         disk = self.disk.stats()
         return PoolStats(**{**stats.__dict__, "disk": disk})
 
-    def memory(self, pool_bytes: int):
-        return memory_stats(pool_bytes)
-
     def close(self) -> None:
         """At shutdown: write the pool to the disk tier and wait for the writes."""
         if self.disk is None:

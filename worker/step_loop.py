@@ -47,6 +47,7 @@ from protocol.messages import (
     TokenLogprob,
 )
 from worker.decode_batch import DecodeBatch, Member
+from worker.memory import memory_stats
 from worker.memory_guard import InsufficientMemory
 from worker.pool import Checkpoint, Lease, TakenCheckpoint
 from worker.token_frames import TokenFrames
@@ -406,9 +407,7 @@ class StepLoop:
     # ------------------------------------------------------------- the end
 
     def _store(self, r: Running, cache: list, tokens: list[int]) -> None:
-        prompt_end = min(r.position, len(tokens))
-        if len(tokens) > len(r.prompt):
-            prompt_end = len(r.prompt)
+        prompt_end = min(len(tokens), len(r.prompt))  # an aborted prefill stored only what it consumed
         try:
             self.engine.store(r.lease, cache, tokens, prompt_end, r.taken)
         except Exception:
@@ -438,7 +437,7 @@ class StepLoop:
             generated_tokens=r.generated,
             facts=facts,
             timings=timings,
-            memory=self.engine.memory(pool.bytes),
+            memory=memory_stats(pool.bytes),
         )
         self.results[r.rid] = result
         r.emit(result)
