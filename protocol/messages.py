@@ -20,7 +20,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import ClassVar, Optional
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
+
+# Split points (structural boundaries the proxy finds inside long messages) are sent for the last
+# this many tokens of a prompt, at most MAX_SPLIT_POINTS of them: the worker's ladder of checkpoints
+# back from a prompt's end reaches no further (worker/placement.py).
+SPLIT_POINTS_REACH = 4096
+MAX_SPLIT_POINTS = 512
 
 
 class FinishReason(str, Enum):
@@ -205,6 +211,7 @@ class Generate(Message):
     prompt_tokens: list[int]
     sampling: SamplingParams
     checkpoint_hints: list[int] = field(default_factory=list)  # token offsets of message ends
+    split_points: list[int] = field(default_factory=list)  # line / paragraph / sentence starts near the end
     progress_every: int = 0  # send Progress every N prefilled tokens (0: never)
 
 

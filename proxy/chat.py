@@ -3,7 +3,15 @@
 The proxy renders and tokenizes; the worker only ever sees token ids. Next to
 the prompt it computes checkpoint hints: the token offsets where messages end,
 which is where the next turn of the same conversation will diverge when the
-template re-renders an earlier message differently (e.g. drops reasoning).
+template re-renders an earlier message differently (e.g. drops reasoning); and
+split points inside long messages (`proxy.prompt_tokens`).
+
+A turn costs what its new messages cost: the template is rendered to text once
+(fast), the text is tokenized piece by piece with the ids of pieces seen before
+reused (`PromptEncoder`), and a message end is found by rendering the messages
+up to it once per conversation: its place in the text is remembered by the
+content of those messages (`MessageEnds`), so a later turn only checks that the
+text still starts the same way.
 """
 
 from __future__ import annotations
@@ -11,11 +19,14 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from protocol.messages import MAX_SPLIT_POINTS, SPLIT_POINTS_REACH
 from proxy.errors import InvalidRequest
+from proxy.prompt_tokens import Encoded, PromptEncoder
 from proxy.text_output import TextOutput
 
 log = logging.getLogger("mlx_cache_proxy")
@@ -26,6 +37,7 @@ class RenderedPrompt:
     tokens: list[int]
     checkpoint_hints: list[int]  # token offsets of message ends, ascending, inside the prompt
     initial_state: str = "normal"  # "reasoning" when the template opened a think block
+    split_points: list[int] = field(default_factory=list)  # structural boundaries near the end, ascending
 
 
 def boundary_hints(
@@ -51,6 +63,46 @@ def boundary_hints(
         if n < len(prompt) and list(prompt[:n]) == list(prefix):
             hints.add(n)
     return sorted(hints)
+
+
+_UNKNOWN = object()
+
+
+class MessageEnds:
+    """Where the rendering of messages[:k] ends in a conversation's text, keyed by those messages' content.
+
+    A value is (length, hash) of that prefix render, or None when the template
+    refused it; a key is a hash chained over the messages (and the tools and
+    template arguments), so a conversation's next turn finds its earlier
+    message ends without rendering them again.
+    """
+
+    def __init__(self, max_entries: int = 16384) -> None:
+        self.max_entries = max_entries
+        self._ends: OrderedDict[int, Optional[tuple[int, int]]] = OrderedDict()
+
+    @staticmethod
+    def keys(messages: list[dict[str, Any]], context: Any) -> list[int]:
+        """keys[k] names messages[:k] under `context` (tools and template arguments)."""
+        chain = [hash(_canonical(context))]
+        for message in messages:
+            chain.append(hash((chain[-1], _canonical(message))))
+        return chain
+
+    def get(self, key: int) -> Any:
+        value = self._ends.get(key, _UNKNOWN)
+        if value is not _UNKNOWN:
+            self._ends.move_to_end(key)
+        return value
+
+    def put(self, key: int, value: Optional[tuple[int, int]]) -> None:
+        self._ends[key] = value
+        while len(self._ends) > self.max_entries:
+            self._ends.popitem(last=False)
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
 
 
 def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -90,8 +142,18 @@ def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 class ChatTokenizer:
     """A model's tokenizer (mlx-lm's `TokenizerWrapper`) and what the proxy does with it."""
 
+    # The first prompts are also tokenized the template's own way, and must come out the same
+    # (the start-up probe and the tests check the rule; this checks the model's own template).
+    VERIFY_FIRST = 3
+
     def __init__(self, wrapper: Any) -> None:
         self.wrapper = wrapper
+        backend = getattr(getattr(wrapper, "_tokenizer", None), "_tokenizer", None)  # a `tokenizers.Tokenizer`
+        self.encoder: Optional[PromptEncoder] = None
+        if backend is not None and hasattr(backend, "get_added_tokens_decoder"):
+            self.encoder = PromptEncoder(backend)
+        self.message_ends = MessageEnds()
+        self._verify_left = self.VERIFY_FIRST
 
     @classmethod
     def load(cls, model_path: Path) -> ChatTokenizer:
@@ -131,31 +193,82 @@ class ChatTokenizer:
 
             return RenderedPrompt(self.wrapper.encode(convert_chat(messages)), [])
         kwargs = dict(template_kwargs or {})
+        if self.encoder is None:
+            return self._render_tokens(messages, tools, kwargs, max_hints)
+        try:
+            text = self._apply(messages, tools, kwargs, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # jinja raises TemplateError, templates raise anything
+            raise InvalidRequest(f"the chat template rejected the messages: {exc}", param="messages") from exc
+        encoded = self.encoder.encode(text)
+        if self._verify_left > 0 and not self._verified(encoded.tokens, messages, tools, kwargs):
+            return self._render_tokens(messages, tools, kwargs, max_hints)
+        hints = self._message_ends(messages, tools, kwargs, text, encoded, max_hints) if max_hints else []
+        tokens = encoded.tokens
+        splits = [s for s in encoded.splits if len(tokens) - SPLIT_POINTS_REACH <= s < len(tokens)]
+        return RenderedPrompt(tokens, hints, self._initial_state(tokens), splits[-MAX_SPLIT_POINTS:])
+
+    def _verified(self, tokens: list[int], messages, tools, kwargs) -> bool:
+        self._verify_left -= 1
+        if tokens == self._apply(messages, tools, kwargs, add_generation_prompt=True):
+            return True
+        log.warning("this tokenizer's prompts differ when encoded piece by piece: each is now encoded whole")
+        self.encoder = None
+        return False
+
+    def _message_ends(self, messages, tools, kwargs, text: str, encoded: Encoded, max_hints: int) -> list[int]:
+        """Token offsets where messages[:k] ends, for the last `max_hints` values of k (see `boundary_hints`)."""
+        keys = MessageEnds.keys(messages, [tools, kwargs])
+        n_tokens, hints = len(encoded.tokens), set()
+        for k in range(max(1, len(messages) - max_hints + 1), len(messages) + 1):
+            end = self.message_ends.get(keys[k])
+            if end is _UNKNOWN:
+                try:
+                    prefix = self._apply(messages[:k], tools, kwargs, add_generation_prompt=False, tokenize=False)
+                    end = (len(prefix), hash(prefix))
+                except Exception:  # some templates refuse a conversation without a user turn
+                    end = None
+                self.message_ends.put(keys[k], end)
+            if end is None or not 0 < end[0] < len(text) or hash(text[: end[0]]) != end[1]:
+                continue
+            offset = self.encoder.prefix_length(encoded, text, end[0])
+            if offset is not None and 0 < offset < n_tokens:
+                hints.add(offset)
+        return sorted(hints)
+
+    def _render_tokens(self, messages, tools, kwargs, max_hints: int) -> RenderedPrompt:
+        """The template's own tokenization, and a render per hinted message end (the slow way)."""
         try:
             tokens = self._apply(messages, tools, kwargs, add_generation_prompt=True)
-        except Exception as exc:  # jinja raises TemplateError, templates raise anything
+        except Exception as exc:
             raise InvalidRequest(f"the chat template rejected the messages: {exc}", param="messages") from exc
 
         def render_prefix(k: int) -> Optional[list[int]]:
             try:
                 return self._apply(messages[:k], tools, kwargs, add_generation_prompt=False)
-            except Exception:  # some templates refuse a conversation without a user turn
+            except Exception:
                 return None
 
         hints = boundary_hints(tokens, render_prefix, len(messages), max_hints) if max_hints else []
         return RenderedPrompt(tokens, hints, self._initial_state(tokens))
 
-    def _apply(self, messages, tools, kwargs, *, add_generation_prompt: bool) -> list[int]:
-        tokens = self.wrapper.apply_chat_template(
-            messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=True, **kwargs
+    def _apply(self, messages, tools, kwargs, *, add_generation_prompt: bool, tokenize: bool = True) -> Any:
+        out = self.wrapper.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=tokenize, **kwargs
         )
-        return [int(t) for t in tokens]
+        return [int(t) for t in out] if tokenize else out
 
     def _initial_state(self, tokens: list[int]) -> str:
+        """"reasoning" when the prompt's last think marker opens a block (looked for from the end)."""
         state = "normal"
         if self.wrapper.has_thinking:
-            if self.wrapper.rfind_think_start(tokens) > self.wrapper.rfind_think_end(tokens):
-                state = "reasoning"
+            n = len(tokens)
+            for window in (256, 4096, n):
+                start = max(0, n - window)
+                opened = self.wrapper.rfind_think_start(tokens, start=start)
+                closed = self.wrapper.rfind_think_end(tokens, start=start)
+                if opened >= 0 or closed >= 0:
+                    state = "reasoning" if opened > closed else "normal"
+                    break
         return self.wrapper.response_initial_state or state
 
     def encode_text(self, text: str) -> list[int]:

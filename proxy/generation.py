@@ -35,6 +35,7 @@ class GenerationJob:
     checkpoint_hints: list[int]
     options: GenerationOptions
     text: TextOutput
+    split_points: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ class Generation:
                 prompt_tokens=job.prompt_tokens,
                 sampling=job.options.sampling(self.served.tokenizer.eos_token_ids),
                 checkpoint_hints=job.checkpoint_hints,
+                split_points=job.split_points,
                 progress_every=self.settings.progress_every,
             )
         )

@@ -181,7 +181,10 @@ async def _chat_job(
         split_reasoning=True,
         initial_state=rendered.initial_state,
     )
-    return GenerationJob(request_id, chat.model or served.model_id, rendered.tokens, rendered.checkpoint_hints, chat.options, text)
+    return GenerationJob(
+        request_id, chat.model or served.model_id, rendered.tokens, rendered.checkpoint_hints, chat.options, text,
+        rendered.split_points,
+    )
 
 
 async def _prepare_text(

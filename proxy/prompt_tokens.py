@@ -1,0 +1,198 @@
+"""Token ids of rendered prompts, at the cost of what changed since the last turn.
+
+A chat template renders fast (under a millisecond for 30K tokens); tokenizing
+the result is what costs (~50 ms). Yet a conversation's next turn re-renders
+text that is mostly the same as before. A fast tokenizer splits its input at
+added tokens (`<|im_start|>`, `<|im_end|>`, ...) before anything else, and
+encodes each piece between them on its own; so the ids of a piece seen before
+are reused from a cache keyed by the piece's text, and only new pieces (the new
+messages) are encoded. The result is the same token ids as encoding the whole
+text, which is what `apply_chat_template(tokenize=True)` does.
+
+That holds when the added tokens split the input cleanly: they match on raw
+text (`normalized=False`) and absorb no whitespace (`lstrip`/`rstrip`), and the
+pre-tokenizer does not treat the start of the input specially (a SentencePiece
+"prepend to the first piece" rule does). A probe at start-up checks it; failing
+that, prompts are encoded whole; and the caller checks the first prompts
+against the template's own tokenization (`proxy.chat`), a mismatch turning
+piece reuse off: slower, never different.
+
+Next to the ids the encoder finds *split points*: token offsets inside long
+pieces at structural boundaries (after a line or paragraph break, at the start
+of each of the piece's last sentences), where an edit of a long message or
+another question on the same document diverges; the worker places checkpoints
+there (see `worker/placement.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from array import array
+from bisect import bisect_right
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Optional
+
+log = logging.getLogger("mlx_cache_proxy")
+
+MAX_CACHED_TOKENS = 4_000_000  # ids of pieces kept (4 bytes each): 16 MB
+MIN_PIECE_FOR_SPLITS = 48  # shorter pieces (headers, short messages) get no split points
+LAST_SENTENCES = 6  # sentence starts kept per piece, counted back from its end
+_SENTENCE_END = (".", "?", "!", ":", ";", "。", "？", "！")
+
+
+@dataclass(frozen=True)
+class Piece:
+    ids: array  # token ids ("i")
+    splits: tuple[int, ...]  # split points, token offsets inside the piece
+
+
+@dataclass
+class Encoded:
+    """A text's token ids and where its pieces start (characters and tokens)."""
+
+    tokens: list[int]
+    char_starts: list[int]  # ascending; a piece starts at each
+    token_starts: list[int]
+    splits: list[int]  # split points, ascending token offsets
+
+    def piece_at(self, char_offset: int) -> int:
+        """The index of the piece holding text[char_offset] (the last one past the end)."""
+        return max(0, bisect_right(self.char_starts, char_offset) - 1)
+
+
+class PromptEncoder:
+    """Encodes rendered prompts with a `tokenizers.Tokenizer`, reusing the ids of pieces seen before."""
+
+    def __init__(self, backend: Any, max_cached_tokens: int = MAX_CACHED_TOKENS) -> None:
+        self.backend = backend
+        self.max_cached_tokens = max_cached_tokens
+        self._pieces: OrderedDict[str, Piece] = OrderedDict()
+        self._cached_tokens = 0
+        self._token_text: dict[int, str] = {}
+        self._splitter, self._added = self._added_token_splitter(backend)
+        self.reuses_pieces = self._splitter is not None and self._probe()
+        if self._splitter is not None and not self.reuses_pieces:
+            log.info("this tokenizer does not split cleanly at its added tokens: prompts are encoded whole")
+
+    # ------------------------------------------------------------ public
+
+    def encode(self, text: str) -> Encoded:
+        if not self.reuses_pieces:
+            return self._whole(text)
+        return self._by_pieces(text)
+
+    def stop_reusing(self) -> None:
+        """Encode whole texts from now on (a check found piece-wise ids differ)."""
+        self.reuses_pieces = False
+        self._pieces.clear()
+        self._cached_tokens = 0
+
+    def prefix_length(self, encoded: Encoded, text: str, char_offset: int) -> Optional[int]:
+        """How many of `encoded`'s tokens encode text[:char_offset] alone, if they do (else None).
+
+        At a piece boundary that is the tokens before it; inside a piece, the
+        piece's start is encoded alone and must be a prefix of the piece's ids
+        (a tokenizer may merge across the cut).
+        """
+        i = encoded.piece_at(char_offset)
+        start, token_start = encoded.char_starts[i], encoded.token_starts[i]
+        if start == char_offset:
+            return token_start
+        head = self.backend.encode(text[start:char_offset], add_special_tokens=False).ids
+        end = token_start + len(head)
+        return end if encoded.tokens[token_start:end] == list(head) else None
+
+    @property
+    def cached_tokens(self) -> int:
+        return self._cached_tokens
+
+    # ------------------------------------------------------------ pieces
+
+    @staticmethod
+    def _added_token_splitter(backend: Any) -> tuple[Optional[re.Pattern], dict[str, int]]:
+        added = {}
+        for token_id, token in backend.get_added_tokens_decoder().items():
+            if token.normalized or token.lstrip or token.rstrip or token.single_word or not token.content:
+                continue
+            added[token.content] = int(token_id)
+        if not added:
+            return None, {}
+        # Longest first: the alternation then matches as the tokenizer's leftmost-longest search does.
+        alternatives = sorted(added, key=len, reverse=True)
+        return re.compile("(" + "|".join(map(re.escape, alternatives)) + ")"), added
+
+    def _by_pieces(self, text: str) -> Encoded:
+        tokens: list[int] = []
+        char_starts: list[int] = []
+        token_starts: list[int] = []
+        splits: list[int] = []
+        offset = 0
+        for part in self._splitter.split(text):
+            if not part:
+                continue
+            char_starts.append(offset)
+            token_starts.append(len(tokens))
+            token_id = self._added.get(part)
+            if token_id is not None:
+                tokens.append(token_id)
+            else:
+                piece = self._piece(part)
+                base = len(tokens)
+                tokens.extend(piece.ids)
+                splits.extend(base + s for s in piece.splits)
+            offset += len(part)
+        char_starts.append(offset)
+        token_starts.append(len(tokens))
+        return Encoded(tokens, char_starts, token_starts, splits)
+
+    def _piece(self, part: str) -> Piece:
+        piece = self._pieces.get(part)
+        if piece is not None:
+            self._pieces.move_to_end(part)
+            return piece
+        ids = self.backend.encode(part, add_special_tokens=False).ids
+        piece = Piece(array("i", ids), self._split_points(ids))
+        self._pieces[part] = piece
+        self._cached_tokens += len(ids)
+        while self._cached_tokens > self.max_cached_tokens and len(self._pieces) > 1:
+            _, old = self._pieces.popitem(last=False)
+            self._cached_tokens -= len(old.ids)
+        return piece
+
+    def _whole(self, text: str) -> Encoded:
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        return Encoded(list(ids), [0, len(text)], [0, len(ids)], list(self._split_points(ids)))
+
+    # ------------------------------------------------------------ split points
+
+    def _text_of(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self.backend.decode([token_id], skip_special_tokens=False)
+        return text
+
+    def _split_points(self, ids: list[int]) -> tuple[int, ...]:
+        """After every line break, and at the start of each of the last sentences."""
+        if len(ids) < MIN_PIECE_FOR_SPLITS:
+            return ()
+        lines, sentences = [], []
+        previous = self._text_of(ids[0])
+        for i in range(1, len(ids)):
+            current = self._text_of(ids[i])
+            if previous.endswith("\n"):
+                lines.append(i)
+            elif previous.rstrip().endswith(_SENTENCE_END) and current[:1].isspace():
+                sentences.append(i)
+            previous = current
+        return tuple(sorted(set(lines) | set(sentences[-LAST_SENTENCES:])))
+
+    # ------------------------------------------------------------ the probe
+
+    def _probe(self) -> bool:
+        """Does piece-wise encoding give the ids of a full encode, on text shaped like prompts?"""
+        tokens = list(self._added)[:8]
+        bodies = ["user\nHello there.", " spaced out ", "\n\nTwo lines\nhere", "x", "  indented\n", "end."]
+        text = "Start of text " + "".join(f"{t}{b}" for t in tokens for b in bodies) + " tail"
+        return self._by_pieces(text).tokens == list(self.backend.encode(text, add_special_tokens=False).ids)
