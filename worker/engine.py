@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,6 +37,7 @@ from worker.memory_guard import InsufficientMemory, default_memory_limit, estima
 from worker.decode_batch import can_merge
 from worker.disk_tier import DiskTier
 from worker.fingerprint import model_fingerprint
+from worker.placement import extra_budget
 from worker.pool import Checkpoint, CheckpointPool, Lease, RestorePlan, Sequence, TakenCheckpoint
 from worker.state_codec import SavedPoint
 
@@ -78,17 +80,23 @@ class Engine:
         self.context_limit = context_limit
         self.vocab_size = vocab_size
         self.ops, uncached_reason = _cache_ops(model)
+        self.layout = self._layout(uncached_reason)
         self.pool: CheckpointPool | None = None
         if self.ops is not None and config.cache_enabled:
+            budget = partial(
+                extra_budget,
+                kv_bytes_per_token=self.layout.kv_bytes_per_token,
+                snapshot_bytes=self.layout.snapshot_bytes,
+            )
             self.pool = CheckpointPool(
-                self.ops, config.cache_bytes, config.checkpoint_interval, config.max_lattice_points
+                self.ops, config.cache_bytes, config.checkpoint_interval, config.max_lattice_points,
+                extra_budget=budget,
             )
         self.disk: DiskTier | None = None
         if self.pool is not None and config.disk_dir and config.disk_cache_bytes > 0 and fingerprint:
             self.disk = DiskTier(Path(config.disk_dir) / fingerprint, config.disk_cache_bytes, self.ops)
             self.pool.on_evict = self._save_to_disk
         self.prefill_tokens_per_s = 1000.0  # refined by every prefill; decides disk load vs recompute
-        self.layout = self._layout(uncached_reason)
         self.memory_limit = config.memory_limit or default_memory_limit(memory_stats(0))
         if config.max_kv_size:
             self.context_limit = min(self.context_limit, config.max_kv_size)
@@ -176,27 +184,31 @@ class Engine:
         """How deep the pool would restore `prompt` now (a look, nothing checked out)."""
         return self.pool.plan(prompt).restore_point if self.pool is not None else 0
 
-    def acquire(self, prompt: list[int], hints: list[int], max_tokens: int, extra_bytes: int = 0) -> Lease:
+    def acquire(
+        self, prompt: list[int], hints: list[int], max_tokens: int, extra_bytes: int = 0, splits: list[int] = ()
+    ) -> Lease:
         """A lease for `prompt` if it fits beside `extra_bytes` more (the running batch); else InsufficientMemory."""
         if self.pool is None:
             cold = RestorePlan(prompt)
             self._guard_memory(cold, max_tokens, extra_bytes)
             return Lease(self.model.make_cache(), None, cold)
-        plan = self.pool.plan(prompt, hints)
+        plan = self.pool.plan(prompt, hints, splits)
         if not self._fits(plan, max_tokens, extra_bytes):
             # Give back pool memory, oldest first, then plan again on what is left.
             excess = mx.get_active_memory() + self._need(plan, max_tokens) + extra_bytes - self.memory_limit
             self.pool.evict_to(max(0, self.pool.nbytes - excess))
             mx.clear_cache()
-            plan = self.pool.plan(prompt, hints)
+            plan = self.pool.plan(prompt, hints, splits)
             self._guard_memory(plan, max_tokens, extra_bytes)
-        return self._from_disk(plan, hints) or self.pool.checkout(plan)
+        return self._from_disk(plan, hints, splits) or self.pool.checkout(plan)
 
-    def acquire_forked(self, prompt, hints, max_tokens, extra_bytes, cache, checkpoint: Checkpoint) -> Lease:
+    def acquire_forked(
+        self, prompt, hints, max_tokens, extra_bytes, cache, checkpoint: Checkpoint, splits: list[int] = ()
+    ) -> Lease:
         """A lease over `cache`, forked from a running request's prefix at `checkpoint.position`."""
-        plan = self.pool.plan_restored(prompt, hints, checkpoint)
+        plan = self.pool.plan_restored(prompt, hints, checkpoint, splits)
         self._guard_memory(plan, max_tokens, extra_bytes + checkpoint.position * self.layout.kv_bytes_per_token)
-        return self.pool.lease_restored(prompt, hints, cache, checkpoint)
+        return self.pool.lease_restored(prompt, hints, cache, checkpoint, splits)
 
     def checkpoint(self, cache, position: int, kind: RestoreKind, logits) -> TakenCheckpoint:
         snapshot = self.ops.snapshot(cache, position) if self.ops.needs_snapshots else None
@@ -245,7 +257,7 @@ class Engine:
 
     # ------------------------------------------------------------- memory
 
-    def _from_disk(self, plan: RestorePlan, hints: list[int]) -> Lease | None:
+    def _from_disk(self, plan: RestorePlan, hints: list[int], splits: list[int] = ()) -> Lease | None:
         """A lease restored from the disk tier, when it goes deeper and loads faster than recomputing."""
         if self.disk is None:
             return None
@@ -260,7 +272,7 @@ class Engine:
             return None
         cache, logits, snapshot = loaded
         checkpoint = Checkpoint(hit.position, RestoreKind(hit.kind), snapshot, logits, logits.nbytes if logits is not None else 0)
-        lease = self.pool.lease_restored(plan.prompt, hints, cache, checkpoint)
+        lease = self.pool.lease_restored(plan.prompt, hints, cache, checkpoint, splits)
         lease.from_disk = True
         return lease
 

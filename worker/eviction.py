@@ -13,16 +13,39 @@ hands out the lowest. A priority can change as the pool changes around a unit:
 
 So a victim costs O(log n) heap work plus the policy's look at the few units
 that surface, whatever the number of stored sequences. Changing the order
-touches `EvictionPolicy.priority` only.
+touches `EvictionPolicy` only.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Optional, Protocol
 
+from protocol.messages import RestoreKind
+
 Priority = tuple
+
+
+@dataclass(frozen=True)
+class UnitFacts:
+    """What the policy needs to know of one evictable unit (a stored sequence or a checkpoint)."""
+
+    saved: int  # tokens of recompute it avoids beyond what is left without it
+    held: float  # what it holds, in tokens of KV (its bytes over the KV bytes of one token)
+    last_used: int  # the pool's request count when it was last used
+    hits: int  # times it was restored from
+    tier: int  # THIN, LANDMARK or WHOLE
+
+
+RECENCY_REQUESTS = 64  # a unit used this many requests later outranks one of the next tier up
+THIN, LANDMARK, WHOLE = 0, 1, 2  # the lattice and the ladder; message and prompt ends, forks; sequences
+LANDMARKS = frozenset({RestoreKind.HINT, RestoreKind.PROMPT_END, RestoreKind.FORK})
+
+
+def checkpoint_tier(kind: RestoreKind) -> int:
+    return LANDMARK if kind in LANDMARKS else THIN
 
 
 class PoolView(Protocol):
@@ -30,8 +53,8 @@ class PoolView(Protocol):
 
     disk_tier: bool
 
-    def sequence_facts(self, seq: Any) -> tuple[bool, bool, bool, int]: ...  # compacted, covered, prefix_only, age
-    def checkpoint_facts(self, ckpt: Any) -> tuple[bool, bool, int]: ...  # protects a shared prefix, anchor, age
+    def sequence_facts(self, seq: Any) -> tuple[bool, bool, bool, UnitFacts]: ...  # compacted, covered, prefix_only
+    def checkpoint_facts(self, ckpt: Any) -> tuple[bool, bool, UnitFacts]: ...  # protects a shared prefix, anchor
 
 
 class EvictionPolicy:
@@ -39,25 +62,38 @@ class EvictionPolicy:
 
     Group -1: KV buffers grown in steps, compacted (nothing is lost).
     Group 0: sequences another stored sequence covers (nothing is lost).
-    Group 1, least recently used first: checkpoints, and sequences (cut back to a
-    shared prefix, or dropped). A sequence's anchor (the deepest checkpoint on its
-    path, without which a hybrid's KV cannot be restored) only leaves with it.
-    Group 2: what keeps a shared prefix. With a disk tier a sequence leaves before
-    its checkpoints, so it is written whole.
+    Group 1, by score: checkpoints and sequences. A unit's score is its last
+    use (one point per RECENCY_REQUESTS requests), plus its tier (0 for the
+    lattice and the ladder, 1 for message ends, prompt ends and fork points, 2
+    for a whole sequence), plus what it saves per what it holds squashed into
+    [0, 1): tokens of recompute beyond the next-lower restore point left, times
+    (hits + 1), over its bytes in tokens of KV (GreedyDual-Size-Frequency, with
+    the clock for its inflation). So among units used at about the same time a
+    sequence's lattice thins before its landmarks go, and they before the
+    sequence does, the one that saves least per byte first; and what has not
+    been used for a few hundred requests falls behind what was used since.
+    Group 2: what keeps a shared prefix, and a sequence's anchor (the deepest
+    checkpoint on its path, without which a hybrid's KV cannot be restored),
+    which only leaves with its sequence. With a disk tier every checkpoint is
+    in group 2: a sequence leaves before its checkpoints, so it is written whole.
     """
 
+    @staticmethod
+    def score(facts: UnitFacts) -> float:
+        worth = facts.saved * (1 + facts.hits) / max(facts.held, 1e-9)
+        return facts.last_used / RECENCY_REQUESTS + facts.tier + worth / (1 + worth)
+
     def sequence_priority(self, pool: PoolView, seq: Any) -> Priority:
-        compacted, covered, prefix_only, age = pool.sequence_facts(seq)
+        compacted, covered, prefix_only, facts = pool.sequence_facts(seq)
         if not compacted:
-            return (-1, age, 0)
+            return (-1, facts.last_used, 0)
         if covered:
-            return (0, age, 0)
-        return (2 if prefix_only else 1, age, 0 if pool.disk_tier else 1)
+            return (0, facts.last_used, 0)
+        return (2 if prefix_only else 1, self.score(facts), 0)
 
     def checkpoint_priority(self, pool: PoolView, ckpt: Any) -> Priority:
-        protects, anchor, age = pool.checkpoint_facts(ckpt)
-        tier = 2 if anchor else (1 if pool.disk_tier else 0)
-        return (2 if protects else 1, age, tier)
+        protects, anchor, facts = pool.checkpoint_facts(ckpt)
+        return (2 if protects or anchor or pool.disk_tier else 1, self.score(facts), 0)
 
 
 class EvictionIndex:
@@ -83,6 +119,10 @@ class EvictionIndex:
             return
         self._filed[id(unit)] = key
         heapq.heappush(self._heap, (key, next(self._order), unit))
+
+    def key_of(self, unit: Any) -> Optional[Priority]:
+        """The key `unit` is filed under (what `pop` just found current), or None."""
+        return self._filed.get(id(unit))
 
     def forget(self, unit: Any) -> None:
         self._filed.pop(id(unit), None)

@@ -23,16 +23,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
 from protocol.messages import PoolStats, RestoreKind
-from worker.eviction import EvictionIndex, EvictionPolicy
+from worker.eviction import LANDMARKS, WHOLE, EvictionIndex, EvictionPolicy, UnitFacts, checkpoint_tier
+from worker.placement import MAX_EXTRA, place
 from worker.trie import Match, Node, TokenTrie
 
 log = logging.getLogger("mlx_cache_proxy.worker")
 
 # A shared prefix shorter than this (a chat template's header) is not worth keeping a sequence for.
 MIN_SHARED_PREFIX = 64
-# Tail checkpoints, this many tokens before a prompt's end: the next prompt often shares all but
-# a short final suffix (the same document, another question), inside one message no hint splits.
-TAIL_OFFSETS = (32, 64, 128)
 
 
 class CacheOps(Protocol):
@@ -57,6 +55,7 @@ class Checkpoint:
     last_used: int = 0
     node: Node | None = None  # where it sits in the trie (None: not stored, or gone)
     pins: int = 0  # running requests holding it: never evicted while > 0
+    hits: int = 0  # times restored from
 
     @property
     def nbytes(self) -> int:
@@ -77,6 +76,8 @@ class Sequence:
     prefix_only: bool = False  # cut back to a prefix other sequences share: evicted after tails
     compacted: bool = False  # its KV buffers hold exactly its tokens
     pins: int = 0  # running requests holding it (taken over in place): never evicted while > 0
+    hits: int = 0  # times taken over
+    mark: Node | None = None  # the node marking its prompt end (for in-place lookups), or an ancestor after a split
 
 
 @dataclass
@@ -132,6 +133,7 @@ class CheckpointPool:
         max_lattice_points: int = 16,
         on_evict: Callable[[Sequence, list[Checkpoint]], None] | None = None,
         policy: EvictionPolicy | None = None,
+        extra_budget: Callable[[int], int] | None = None,
     ):
         self.ops = ops
         self.on_evict = on_evict  # sees each evicted sequence and the checkpoints on its path
@@ -149,6 +151,9 @@ class CheckpointPool:
         self._leases: list[Lease] = []
         self.policy = policy or EvictionPolicy()
         self._index = EvictionIndex(self._priority, self._alive)
+        self._kv_bytes_per_token = 1.0  # learnt from the sequences committed (scores count bytes in tokens of KV)
+        # Snapshots one prompt may add beyond its lattice and prompt end (worker.placement.extra_budget).
+        self.extra_budget = extra_budget or (lambda n_tokens: MAX_EXTRA)
 
     # ------------------------------------------------------------- figures
 
@@ -177,7 +182,7 @@ class CheckpointPool:
             stride *= 2
         return stride
 
-    def plan(self, prompt: list[int], hints: Iterable[int] = ()) -> RestorePlan:
+    def plan(self, prompt: list[int], hints: Iterable[int] = (), splits: Iterable[int] = ()) -> RestorePlan:
         match = self.trie.match(prompt)
         plan = RestorePlan(prompt, match=match, match_length=match.length)
         self._choose_restore_point(plan, match)
@@ -185,7 +190,7 @@ class CheckpointPool:
             self._choose_source(plan, match)
         if plan.source is None:  # nothing usable: a cold start
             plan.restore_point, plan.kind, plan.checkpoint = 0, RestoreKind.NONE, None
-        plan.checkpoints_to_take = self._checkpoints_to_take(plan, hints)
+        plan.checkpoints_to_take = self._checkpoints_to_take(plan, hints, splits)
         return plan
 
     def _choose_restore_point(self, plan: RestorePlan, match: Match) -> None:
@@ -199,58 +204,80 @@ class CheckpointPool:
             plan.restore_point, plan.kind, plan.checkpoint = min(match.length, n - 1), RestoreKind.TRIM, None
 
     def _choose_source(self, plan: RestorePlan, match: Match) -> None:
-        node = match.node_at(plan.restore_point)
-        # A sequence a running request took over is neither taken over nor forked: the request owns its cache.
-        candidates = [s for _, key in self.trie.entries_under(node) if not (s := self.sequences[key]).pins]
-        if not candidates:
-            return
-        # Prefer taking over a sequence whose only unshared part is generated output:
-        # that is a conversation going on, and nothing of value is lost.
+        """A stored sequence holding the prefix up to the restore point, found without a walk of the pool.
+
+        Preferred: one to take over in place, i.e. whose only unshared part is
+        generated output (a conversation going on; nothing of value is lost):
+        its prompt end is marked on the matched path. Else any sequence under the
+        restore point to fork from. A sequence a running request took over is
+        neither taken over nor forked: the request owns its cache.
+        """
+        p = plan.restore_point
         best_in_place, best_shared = None, -1
-        for seq in candidates:
-            shared = match.branch_depth(seq.node)
-            if shared >= seq.prompt_end and shared > best_shared:
-                best_in_place, best_shared = seq, shared
+        for node in match.path:
+            for key, prompt_end in node.marks.items():
+                if prompt_end > match.length:
+                    continue
+                seq = self.sequences[key]
+                if seq.pins:
+                    continue
+                shared = match.branch_depth(seq.node)
+                if shared >= max(p, seq.prompt_end) and shared > best_shared:
+                    best_in_place, best_shared = seq, shared
         if best_in_place is not None:
             plan.source, plan.in_place = best_in_place, True
-        else:
-            plan.source = max(candidates, key=lambda s: s.last_used)
+            return
+        plan.source = self._any_unpinned_under(match.node_at(p))
 
-    def plan_restored(self, prompt: list[int], hints: Iterable[int], checkpoint: Checkpoint) -> RestorePlan:
+    def _any_unpinned_under(self, node: Node | None) -> Sequence | None:
+        """A stored sequence under `node` no request holds (the walk skips only what is pinned)."""
+        stack = [node] if node is not None else []
+        while stack:
+            n = stack.pop()
+            for key in n.entries:
+                seq = self.sequences[key]
+                if not seq.pins:
+                    return seq
+            stack.extend(c for c in n.children.values() if c.entry_count)
+        return None
+
+    def plan_restored(
+        self, prompt: list[int], hints: Iterable[int], checkpoint: Checkpoint, splits: Iterable[int] = ()
+    ) -> RestorePlan:
         """A plan for a cache restored elsewhere (the disk tier) at `checkpoint.position`."""
         plan = RestorePlan(prompt, checkpoint.position, checkpoint.kind, None, False, checkpoint)
         plan.match_length = checkpoint.position
-        plan.checkpoints_to_take = self._checkpoints_to_take(plan, hints)
+        plan.checkpoints_to_take = self._checkpoints_to_take(plan, hints, splits)
         return plan
 
-    def _checkpoints_to_take(self, plan: RestorePlan, hints: Iterable[int]) -> dict[int, RestoreKind]:
+    def _checkpoints_to_take(self, plan: RestorePlan, hints: Iterable[int], splits: Iterable[int]) -> dict[int, RestoreKind]:
         n, p = len(plan.prompt), plan.restore_point
-        wanted: dict[int, RestoreKind] = {}
-        if self.ops.needs_snapshots:
-            stride = self.lattice_stride(n)
-            for pos in range((p // stride + 1) * stride, n, stride):
-                wanted[pos] = RestoreKind.LATTICE
-            for pos in hints:
-                if p < pos < n:
-                    wanted[pos] = RestoreKind.HINT
-            for offset in TAIL_OFFSETS:
-                if p < n - offset:
-                    wanted.setdefault(n - offset, RestoreKind.TAIL)
-            if p < plan.match_length < n:
-                wanted[plan.match_length] = RestoreKind.FORK
-        if p < n or plan.logits is None:
-            wanted[n] = RestoreKind.PROMPT_END
+        placement = place(
+            n,
+            p,
+            lattice_stride=self.lattice_stride(n),
+            hints=hints,
+            splits=sorted(splits),
+            fork_at=plan.match_length if p < plan.match_length < n else 0,
+            budget=self.extra_budget(n),
+            snapshots=self.ops.needs_snapshots,
+        )
+        wanted = dict(placement.positions)
+        if p == n and plan.logits is not None:
+            del wanted[n]  # restored with its logits: nothing to take there
         return wanted
 
     # ------------------------------------------------------------- leases
 
-    def lease(self, prompt: list[int], hints: Iterable[int] = ()) -> Lease:
+    def lease(self, prompt: list[int], hints: Iterable[int] = (), splits: Iterable[int] = ()) -> Lease:
         """Plan and check out in one step: the cache restored to the deepest usable point, pinned."""
-        return self.checkout(self.plan(prompt, hints))
+        return self.checkout(self.plan(prompt, hints, splits))
 
-    def lease_restored(self, prompt: list[int], hints: Iterable[int], cache: Any, checkpoint: Checkpoint) -> Lease:
+    def lease_restored(
+        self, prompt: list[int], hints: Iterable[int], cache: Any, checkpoint: Checkpoint, splits: Iterable[int] = ()
+    ) -> Lease:
         """A lease over a cache restored elsewhere (the disk tier, a running request's prefix)."""
-        lease = Lease(cache, None, self.plan_restored(prompt, hints, checkpoint))
+        lease = Lease(cache, None, self.plan_restored(prompt, hints, checkpoint, splits))
         self._leases.append(lease)
         return lease
 
@@ -262,6 +289,7 @@ class CheckpointPool:
         pinned = []
         if plan.checkpoint is not None:
             plan.checkpoint.last_used = tick
+            plan.checkpoint.hits += 1
             self._pin(plan.checkpoint)
             pinned.append(plan.checkpoint)
         if source is None:
@@ -274,6 +302,7 @@ class CheckpointPool:
             if source.pins:
                 raise RuntimeError("a plan took over a sequence another request holds")
             source.last_used = tick
+            source.hits += 1
             source.pins += 1
             self._index.forget(source)
             # Take the sequence over: its tail beyond p goes now, the rest is re-attached at commit.
@@ -297,12 +326,15 @@ class CheckpointPool:
         seq.cache, seq.prompt_end, seq.last_used = lease.cache, prompt_end, tick
         seq.prefix_only = seq.compacted = False
         self._set_nbytes(seq, self.ops.nbytes(seq.cache))
+        if tokens and self._kv_bytes_per_token == 1.0:
+            self._kv_bytes_per_token = max(1.0, seq.nbytes / len(tokens))
         self._move(seq, list(tokens))
         for t in taken:
             if t.position <= len(tokens):
-                self._add_checkpoint(seq.tokens, Checkpoint(t.position, t.kind, t.snapshot, t.logits, t.logits_nbytes, tick))
-        self._thin_lattice(seq.tokens)
-        self._drop_superseded(seq.tokens, prompt_end, tick)
+                self._add_checkpoint(seq, Checkpoint(t.position, t.kind, t.snapshot, t.logits, t.logits_nbytes, tick))
+        self._thin_lattice(seq)
+        self._drop_superseded(seq, prompt_end, tick)
+        self._cap_snapshots(seq)
         self._touch(seq.node)
         self.evict_to(self.capacity_bytes)
 
@@ -333,8 +365,9 @@ class CheckpointPool:
     def leases(self) -> int:
         return len(self._leases)
 
-    def _add_checkpoint(self, tokens: list[int], ckpt: Checkpoint) -> None:
-        node = self.trie.insert(tokens[: ckpt.position])
+    def _add_checkpoint(self, seq: Sequence, ckpt: Checkpoint) -> None:
+        """File `ckpt` in the node of `seq`'s path whose range holds its position (no node is split for it)."""
+        node = self.trie.node_covering(seq.node, ckpt.position)
         old = node.checkpoints.get(ckpt.position)
         if old is not None:
             # Same prefix, same state: keep the one with logits, refresh its age.
@@ -349,21 +382,46 @@ class CheckpointPool:
         self._checkpoint_bytes += ckpt.nbytes
         self._checkpoint_count += 1
         self._index.file(ckpt)
+        self._refile_above(node, ckpt)
 
-    def _thin_lattice(self, tokens: list[int]) -> None:
-        stride = self.lattice_stride(len(tokens))
-        for node in self.trie.path_to(self.trie.insert(tokens)):
+    def _refile_above(self, node: Node, ckpt: Checkpoint) -> None:
+        """Re-file the checkpoints for which `ckpt`, just added, is the next one down: they now save less.
+
+        Those deeper in its node, and on each branch below down to the first
+        checkpoint that would serve instead (a landmark, for a landmark).
+        """
+        landmark = ckpt.kind in LANDMARKS
+
+        def shields(n: Node, above: int = -1) -> bool:
+            return any(d > above and (not landmark or c.kind in LANDMARKS) for d, c in n.checkpoints.items())
+
+        for depth, other in node.checkpoints.items():
+            if depth > ckpt.position:
+                self._index.file(other)
+        if shields(node, ckpt.position):
+            return
+        stack = list(node.children.values())
+        while stack:
+            n = stack.pop()
+            for other in n.checkpoints.values():
+                self._index.file(other)
+            if not shields(n):
+                stack.extend(n.children.values())
+
+    def _thin_lattice(self, seq: Sequence) -> None:
+        stride = self.lattice_stride(len(seq.tokens))
+        for node in self.trie.path_to(seq.node):
             for depth, ckpt in list(node.checkpoints.items()):
                 if ckpt.kind is RestoreKind.LATTICE and depth % stride and not ckpt.pins:
                     self._forget_checkpoint(node, depth)
 
-    def _drop_superseded(self, tokens: list[int], prompt_end: int, tick: int) -> None:
+    def _drop_superseded(self, seq: Sequence, prompt_end: int, tick: int) -> None:
         """Once a prompt has gone past them, generation ends, earlier tails and stored logits serve no one.
 
         A later prompt that branches there restores from the message-boundary
         hint the proxy sends for that spot, a few tokens further on.
         """
-        for node in self.trie.path_to(self.trie.insert(tokens[:prompt_end])):
+        for node in self.trie.path_to(seq.node):
             for depth, ckpt in list(node.checkpoints.items()):
                 if depth >= prompt_end or ckpt.pins:
                     continue
@@ -374,6 +432,25 @@ class CheckpointPool:
                 elif ckpt.logits is not None:
                     self._checkpoint_bytes -= ckpt.logits_nbytes
                     ckpt.logits, ckpt.logits_nbytes = None, 0
+
+    def snapshot_cap(self, length: int) -> int:
+        """Snapshots one sequence may keep on its own path: its lattice, and twice one prompt's extras."""
+        return self.max_lattice_points + 2 * self.extra_budget(length) + 1
+
+    def _cap_snapshots(self, seq: Sequence) -> None:
+        """Keep a sequence's own checkpoints (not shared, not its anchor) within `snapshot_cap`, lowest score out."""
+        if not self.ops.needs_snapshots:
+            return
+        own = []
+        for ckpt in self.checkpoints_on_path(seq):
+            if ckpt.pins or ckpt.snapshot is None:
+                continue
+            protects, anchor, facts = self.checkpoint_facts(ckpt)
+            if not protects and not anchor:
+                own.append((self.policy.score(facts), ckpt.position, ckpt))
+        excess = len(own) - self.snapshot_cap(len(seq.tokens))
+        for _, _, ckpt in sorted(own, key=lambda t: t[:2])[: max(0, excess)]:
+            self._forget_checkpoint(ckpt.node, ckpt.position)
 
     # ------------------------------------------------------------- eviction
 
@@ -424,11 +501,41 @@ class CheckpointPool:
             return self.sequences.get(unit.key) is unit
         return unit.node is not None
 
-    def sequence_facts(self, seq: Sequence) -> tuple[bool, bool, bool, int]:
-        return seq.compacted, self._redundant(seq), seq.prefix_only, seq.last_used
+    def sequence_facts(self, seq: Sequence) -> tuple[bool, bool, bool, UnitFacts]:
+        saved = max(1, len(seq.tokens) - self._shared_depth(seq))
+        facts = UnitFacts(saved, seq.nbytes / self._kv_bytes_per_token, seq.last_used, seq.hits, WHOLE)
+        return seq.compacted, self._redundant(seq), seq.prefix_only, facts
 
-    def checkpoint_facts(self, ckpt: Checkpoint) -> tuple[bool, bool, int]:
-        return self._protects_a_prefix(ckpt.node), self._is_anchor(ckpt), ckpt.last_used
+    def checkpoint_facts(self, ckpt: Checkpoint) -> tuple[bool, bool, UnitFacts]:
+        protects = self._protects_a_prefix(ckpt.node)
+        anchor = not protects and self._is_anchor(ckpt)
+        saved = max(1, ckpt.position - self._lower_restore_point(ckpt))
+        held = ckpt.nbytes / self._kv_bytes_per_token
+        facts = UnitFacts(saved, held, ckpt.last_used, ckpt.hits, checkpoint_tier(ckpt.kind))
+        return protects, anchor, facts
+
+    def _lower_restore_point(self, ckpt: Checkpoint) -> int:
+        """The next checkpoint below `ckpt` on its path that would serve instead (0: none).
+
+        For a landmark, only landmarks count: the lattice and the ladder below it thin first.
+        """
+        landmark = ckpt.kind in LANDMARKS
+        node, below = ckpt.node, ckpt.position
+        while node is not None and node is not self.trie.root:
+            depths = [d for d, c in node.checkpoints.items() if d < below and (not landmark or c.kind in LANDMARKS)]
+            if depths:
+                return max(depths)
+            node = node.parent
+        return 0
+
+    def _shared_depth(self, seq: Sequence) -> int:
+        """How many of `seq`'s tokens other stored sequences share (kept if it goes), or 0 if too few."""
+        node = seq.node.parent if seq.node is not None else None
+        while node is not None and node is not self.trie.root:
+            if node.entry_count > 1:
+                return node.depth if node.depth >= MIN_SHARED_PREFIX else 0
+            node = node.parent
+        return 0
 
     def _touch(self, node: Node | None) -> None:
         """Re-file the units on the path to `node`: the change there may have lowered their priority."""
@@ -521,16 +628,6 @@ class CheckpointPool:
         seq.cache = self.ops.shrink(seq.cache, position, snapshot)
         del seq.tokens[position:]
         seq.prompt_end = min(seq.prompt_end, position)
-        seq.nbytes = self.ops.nbytes(seq.cache)
-        seq.prefix_only = seq.compacted = True
-        self._move_to(seq, self.trie.insert(seq.tokens))
-
-    def _shrink(self, seq: Sequence, position: int, ckpt: Checkpoint | None) -> None:
-        """Cut `seq` back to `position`, into buffers of that length: the tail's memory is freed."""
-        snapshot = ckpt.snapshot if ckpt is not None else None
-        seq.cache = self.ops.shrink(seq.cache, position, snapshot)
-        del seq.tokens[position:]
-        seq.prompt_end = min(seq.prompt_end, position)
         self._set_nbytes(seq, self.ops.nbytes(seq.cache))
         seq.prefix_only = seq.compacted = True
         self._move_to(seq, self.trie.insert(seq.tokens))
@@ -561,11 +658,33 @@ class CheckpointPool:
         old = seq.node
         self.trie.attach_entry_at(node, seq.key)
         seq.node = node
+        self._unmark(seq)
+        end = min(seq.prompt_end, node.depth)
+        if end > 0:
+            seq.mark = self.trie.node_covering(node, end)
+            seq.mark.marks[seq.key] = end
         if old is not None and old is not node:
             path = self.trie.path_to(old)
             self._release(self.trie.detach_entry(old, seq.key))
             self._touch_surviving(path)
         self._touch(node)
+        self._refile_newly_sharing(seq)
+
+    def _refile_newly_sharing(self, seq: Sequence) -> None:
+        """The one sequence that shares more with `seq` than with any other before it came: it saves less now."""
+        node = seq.node
+        while node is not None and node.entry_count < 2:
+            node = node.parent
+        if node is None or node.entry_count != 2:
+            return
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            for key in n.entries:
+                if key != seq.key:
+                    self._index.file(self.sequences[key])
+                    return
+            stack.extend(c for c in n.children.values() if c.entry_count)
 
     def _release(self, dropped: list[Checkpoint]) -> None:
         for ckpt in dropped:
@@ -574,7 +693,16 @@ class CheckpointPool:
             ckpt.node = None
             self._index.forget(ckpt)
 
+    def _unmark(self, seq: Sequence) -> None:
+        node = seq.mark
+        while node is not None and seq.key not in node.marks:
+            node = node.parent  # a split moved the mark up to a new node
+        if node is not None:
+            del node.marks[seq.key]
+        seq.mark = None
+
     def _detach(self, seq: Sequence) -> None:
+        self._unmark(seq)
         if seq.node is None:
             return
         self._release(self.trie.detach_entry(seq.node, seq.key))
@@ -586,7 +714,7 @@ class CheckpointPool:
         self._checkpoint_count -= 1
         ckpt.node = None
         self._index.forget(ckpt)
-        self._touch(node)
+        # No unit left saves less for it (the next one up saves more): nothing to re-file.
 
     def clear(self) -> None:
         for seq in list(self.sequences.values()):

@@ -237,12 +237,17 @@ class StepLoop:
     def _lease(self, r: Running, donor) -> Lease:
         extra = self._batch_growth_bytes(r)
         if donor is None:
-            return self.engine.acquire(r.prompt, r.request.checkpoint_hints, r.request.sampling.max_tokens, extra)
+            return self.engine.acquire(
+                r.prompt, r.request.checkpoint_hints, r.request.sampling.max_tokens, extra, r.request.split_points
+            )
         other, depth, snapshot = donor
         source = other.lease.cache if other.phase is Phase.PREFILLING else self.batch.view(other.rid)
         cache = self.engine.ops.fork(source, depth, snapshot)
         checkpoint = Checkpoint(depth, RestoreKind.FORK, snapshot)
-        return self.engine.acquire_forked(r.prompt, r.request.checkpoint_hints, r.request.sampling.max_tokens, extra, cache, checkpoint)
+        return self.engine.acquire_forked(
+            r.prompt, r.request.checkpoint_hints, r.request.sampling.max_tokens, extra, cache, checkpoint,
+            r.request.split_points,
+        )
 
     def _batch_growth_bytes(self, r: Running) -> int:
         """What the running requests may still add, and the padding of a batch `r` joins."""

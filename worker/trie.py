@@ -28,7 +28,7 @@ def common_prefix_length(a: list[int], b: list[int], start: int = 0) -> int:
 
 
 class Node:
-    __slots__ = ("parent", "edge", "depth", "children", "checkpoints", "entries", "entry_count")
+    __slots__ = ("parent", "edge", "depth", "children", "checkpoints", "entries", "entry_count", "marks")
 
     def __init__(self, parent: Node | None, edge: list[int], depth: int):
         self.parent = parent
@@ -38,6 +38,7 @@ class Node:
         self.checkpoints: dict[int, Any] = {}  # depth -> value
         self.entries: set[Any] = set()  # keys of stored sequences ending at self.depth
         self.entry_count = 0  # entries here and below: kept up to date, so no query walks a subtree
+        self.marks: dict[Any, int] = {}  # key -> depth of a position a stored sequence marks in this node's range
 
     @property
     def start(self) -> int:
@@ -132,7 +133,15 @@ class TokenTrie:
             value = upper.checkpoints[d] = node.checkpoints.pop(d)
             if hasattr(value, "node"):
                 value.node = upper  # values that know their node are told where they now live
+        for key in [k for k, d in node.marks.items() if d <= depth]:
+            upper.marks[key] = node.marks.pop(key)
         return upper
+
+    def node_covering(self, node: Node, depth: int) -> Node:
+        """The node on the path to `node` whose range holds `depth` (0 < depth <= node.depth)."""
+        while node.parent is not None and node.start >= depth:
+            node = node.parent
+        return node
 
     def node_ending_at(self, match: Match, depth: int) -> Node:
         """The node ending exactly at `depth` on a (still current) match's path, splitting if needed."""

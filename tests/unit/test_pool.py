@@ -5,6 +5,7 @@ import sys
 
 from protocol.messages import RestoreKind
 from tests.unit.fake_cache_ops import BYTES_PER_TOKEN, SNAPSHOT_BYTES, FakeOps
+from worker.placement import LADDER_OFFSETS, MIN_RUNG_GAP
 from worker.pool import CheckpointPool, TakenCheckpoint
 
 
@@ -211,12 +212,14 @@ def test_a_sequence_another_covers_goes_first_whatever_its_age():
     covered = [s for s in pool.sequences.values()]
     assert len(covered) == 2
     pool.evict_to(pool.nbytes - 10 * BYTES_PER_TOKEN)
-    # The older sequence's tail went; it now holds the shared prefix, which the other covers.
+    # One sequence's tail went; it now holds the shared prefix, which the other covers.
     shrunk = [s for s in pool.sequences.values() if s.prefix_only]
     assert len(shrunk) == 1 and shrunk[0].tokens == LONG_SYSTEM
+    (whole,) = [s for s in pool.sequences.values() if not s.prefix_only]
     pool.evict_to(pool.nbytes - 1)
     assert not [s for s in pool.sequences.values() if s.prefix_only]  # covered: dropped first
-    assert len(pool.sequences) == 1 and pool.plan(LONG_SYSTEM + [3] * 20 + [1]).restore_point == 120
+    assert list(pool.sequences.values()) == [whole]
+    assert pool.plan(whole.tokens + [1]).restore_point == len(whole.tokens)
 
 
 def test_agents_taking_turns_under_pressure_keep_the_shared_system_prompt():
@@ -249,17 +252,29 @@ def test_tail_checkpoints_catch_a_new_ending_near_the_prompt_end():
     document = list(range(500, 700))  # one long message: no hint inside it
     first = document + [1] * 10
     plan = run(pool, first, generated=[7])
-    assert {len(first) - 32, len(first) - 64, len(first) - 128} <= {
-        p for p, k in plan.checkpoints_to_take.items() if k is RestoreKind.TAIL
-    }
+    rungs = [len(first) - o for o in LADDER_OFFSETS if len(first) - o >= MIN_RUNG_GAP]  # clear of position 0
+    assert set(rungs) == {p for p, k in plan.checkpoints_to_take.items() if k is RestoreKind.TAIL}
     second = document[:190] + [2] * 12  # diverges 20 tokens before the first prompt's end
-    assert pool.plan(second).restore_point == len(first) - 32
+    assert pool.plan(second).restore_point == max(r for r in rungs if r <= 190)
     # Once the conversation goes on past them, an earlier prompt's tails are dropped; the new
     # prompt's own tails (those after its restore point) are kept.
     third = first + [7] + [3] * 100
     run(pool, third, generated=[8])
     tails = sorted(d for n in pool.trie.nodes() for d, c in n.checkpoints.items() if c.kind is RestoreKind.TAIL)
-    assert tails == [len(third) - 64, len(third) - 32]
+    restored = len(first) + 1
+    assert tails == sorted(len(third) - o for o in LADDER_OFFSETS if len(third) - o >= restored + MIN_RUNG_GAP)
+
+
+def test_the_ladder_moves_to_structural_boundaries_in_its_window():
+    pool = make_pool(interval=1000)
+    message = list(range(500, 800))
+    splits = [100, 200, 280, 295]  # line starts, say
+    plan = pool.plan(message, splits=splits)
+    tails = {p for p, k in plan.checkpoints_to_take.items() if k is RestoreKind.TAIL}
+    assert 280 in tails and 295 not in tails  # the boundaries nearest the end (not too near it)
+    assert {100, 200} <= tails  # a rung moved down to each, within its gap to the next
+    unsnapped = {300 - o for o in LADDER_OFFSETS if o < 300}
+    assert tails - {100, 200, 280} <= unsnapped
 
 
 # ----------------------------------------------------------------- leases under concurrency

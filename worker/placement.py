@@ -1,0 +1,142 @@
+"""Where a prefill takes checkpoints, within a budget that scales with the model's snapshot size.
+
+No MLX here. One request's prefill takes, beyond what it restored from:
+
+- the lattice: every `stride` tokens (the stride doubles so a sequence keeps at
+  most `max_lattice_points`), for divergences anywhere (an earlier message edited);
+- message ends the proxy hinted (where the next turn diverges when the template
+  re-renders an earlier message differently);
+- the fork point (where this prompt left a stored one) and the prompt's end;
+- a ladder back from the prompt's end at geometric offsets (LADDER_FIRST,
+  then x LADDER_RATIO but at least MIN_RUNG_GAP more, up to LADDER_REACH
+  tokens back): the next prompt often
+  shares all but the end of this one (an edited or regenerated last message,
+  another question on the same document). Each rung moves down to the nearest
+  structural boundary the proxy sent (a line or paragraph start, one of the
+  message's last sentences) within its gap to the next rung, so an edit of a
+  sentence restores at its start; the LAST_SPLITS boundaries nearest the end
+  are taken as they are. Every stop is one more prefill chunk, so a rung
+  closer than MIN_RUNG_GAP (a split point: MIN_SPLIT_GAP) to another stop is
+  left out: a short new message gets no ladder, a long one a rung every ~64+.
+
+The budget: the snapshots one prompt adds beyond the lattice and its prompt end
+may hold at most SNAPSHOT_SHARE of the prompt's KV bytes, and never fewer than
+MIN_EXTRA nor more than MAX_EXTRA snapshots. Hints and the fork point are
+placed first, then ladder rungs nearest the end. For a model whose snapshot is
+the size of 3,000 tokens of KV (Qwen3-Next), a 2K-token prompt gets MIN_EXTRA
+snapshots, a 60K-token one about ten; a tiny test model gets the cap.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right, insort
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from protocol.messages import SPLIT_POINTS_REACH, RestoreKind
+
+LADDER_FIRST = 64  # tokens back from the prompt's end of the first rung
+LADDER_RATIO = 1.3  # each rung this much further back than the one before
+LADDER_REACH = SPLIT_POINTS_REACH  # no rung further back than this (the proxy sends split points as far)
+SNAP_WINDOW = 1.0  # a rung moves down to a structural boundary within this fraction of its gap
+LAST_SPLITS = 3  # the structural boundaries nearest the end are taken as they are (the last sentences)
+MIN_SPLIT_GAP = 16  # ... when at least this far from every other stop of the prefill
+MIN_RUNG_GAP = 64  # a rung is taken when at least this far from every other stop
+SNAPSHOT_SHARE = 0.5  # extra snapshots of one prompt: at most this share of its KV bytes
+MIN_EXTRA = 4
+MAX_EXTRA = 40
+
+
+def ladder_offsets(
+    first: int = LADDER_FIRST, ratio: float = LADDER_RATIO, reach: int = LADDER_REACH, gap: int = MIN_RUNG_GAP
+) -> list[int]:
+    """Distances back from a prompt's end, ascending: first, then each max(ratio x, + gap), up to reach."""
+    offsets, x = [], float(first)
+    while x <= reach:
+        offsets.append(int(round(x)))
+        x = max(x * ratio, x + gap)
+    return offsets
+
+
+LADDER_OFFSETS = tuple(ladder_offsets())
+
+
+def extra_budget(prompt_tokens: int, kv_bytes_per_token: float, snapshot_bytes: float) -> int:
+    """How many snapshots beyond the lattice and the prompt end one prompt may add."""
+    if snapshot_bytes <= 0:
+        return MAX_EXTRA
+    n = int(SNAPSHOT_SHARE * prompt_tokens * kv_bytes_per_token / snapshot_bytes)
+    return max(MIN_EXTRA, min(MAX_EXTRA, n))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The checkpoint positions one prefill takes, by kind."""
+
+    positions: dict[int, RestoreKind]
+
+
+def _clear_of(stops: list[int], pos: int, gap: int) -> bool:
+    """Is `pos` at least `gap` tokens from every position in `stops` (ascending)?"""
+    i = bisect_right(stops, pos)
+    return (i == 0 or pos - stops[i - 1] >= gap) and (i == len(stops) or stops[i] - pos >= gap)
+
+
+def ladder_positions(n: int, splits: Sequence[int], offsets: Iterable[int] = LADDER_OFFSETS) -> list[int]:
+    """Ladder rungs back from position n, nearest first, each snapped down to a split point in its window.
+
+    `splits` are structural boundaries (ascending token offsets). A rung at
+    n - o whose gap to the next rung down is g moves to the deepest split point
+    in (n - o - SNAP_WINDOW * g, n - o]; without one it stays where it is.
+    """
+    offsets = [o for o in offsets if o < n]
+    rungs: list[int] = []
+    for i, o in enumerate(offsets):
+        pos = n - o
+        gap = (offsets[i + 1] - o) if i + 1 < len(offsets) else o
+        j = bisect_right(splits, pos) - 1
+        if j >= 0 and splits[j] > pos - SNAP_WINDOW * gap:
+            pos = splits[j]
+        if pos > 0 and (not rungs or pos < rungs[-1]):
+            rungs.append(pos)
+    return rungs
+
+
+def place(
+    n: int,
+    restore_point: int,
+    *,
+    lattice_stride: int,
+    hints: Iterable[int] = (),
+    splits: Sequence[int] = (),
+    fork_at: int = 0,
+    budget: int = MAX_EXTRA,
+    snapshots: bool = True,
+) -> Placement:
+    """The checkpoints a prefill from `restore_point` to `n` takes (the prompt end always)."""
+    p = restore_point
+    wanted: dict[int, RestoreKind] = {}
+    if snapshots:
+        for pos in range((p // lattice_stride + 1) * lattice_stride, n, lattice_stride):
+            wanted[pos] = RestoreKind.LATTICE
+        extra: dict[int, RestoreKind] = {}
+        if p < fork_at < n:
+            extra[fork_at] = RestoreKind.FORK
+        for pos in sorted(set(hints), reverse=True):
+            if p < pos < n and len(extra) < budget:
+                extra.setdefault(pos, RestoreKind.HINT)
+        # Each stop is one more prefill chunk: a split point or a rung too close to another stop saves
+        # too little for what it costs.
+        stops = sorted({p, n, *wanted, *extra})
+        last_splits = [pos for pos in splits if p < pos < n][-LAST_SPLITS:]
+        candidates = [(pos, MIN_SPLIT_GAP) for pos in reversed(last_splits)]
+        candidates += [(pos, MIN_RUNG_GAP) for pos in ladder_positions(n, list(splits))]
+        for pos, gap in candidates:
+            if len(extra) >= budget:
+                break
+            if p < pos and _clear_of(stops, pos, gap):
+                extra[pos] = RestoreKind.TAIL
+                insort(stops, pos)
+        wanted.update(extra)
+    wanted[n] = RestoreKind.PROMPT_END
+    return Placement(wanted)
