@@ -32,7 +32,7 @@ class ModelSpec:
 class WorkerOptions:
     """How local workers are started and how every worker is watched."""
 
-    cache_bytes: int = 8 * GIB
+    cache_bytes: Optional[int] = None  # None: the worker's default (worker/memory_guard.py)
     checkpoint_interval: Optional[int] = None
     no_cache: bool = False
     prefill_step: Optional[int] = None

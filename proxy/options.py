@@ -126,7 +126,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_batch", _int(1), None, "requests each local worker runs at once, their decode steps batched; "
            "1: one at a time (worker default: 8). A remote worker's own setting applies", "N"),
     Option("upstream", _str, None, "forward requests for models served nowhere here to this server", "URL"),
-    Option("cache_bytes", _size, 8 * GIB, "checkpoint pool size per worker, e.g. 512M, 8G", "BYTES"),
+    Option("cache_bytes", _size, None, "checkpoint pool size per worker, e.g. 512M, 48G (worker default: "
+           "75%% of the memory its model leaves under its memory limit)", "BYTES"),
     Option("checkpoint_interval", _int(1), None, "tokens between lattice checkpoints (worker default: 256)", "N"),
     Option("no_cache", _bool, False, "turn the prefix cache off (every request computes its whole prompt)",
            flag=True),

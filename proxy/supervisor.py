@@ -59,9 +59,10 @@ def worker_argv(spec: ModelSpec, options: WorkerOptions, endpoint: str) -> list[
         "--endpoint", endpoint,
         "--model-id", spec.model_id,
         "--parent-pid", str(os.getpid()),
-        "--cache-bytes", str(options.cache_bytes),
         "--heartbeat-interval", str(options.heartbeat_interval),
     ]  # fmt: skip
+    if options.cache_bytes is not None:
+        argv += ["--cache-bytes", str(options.cache_bytes)]
     if options.checkpoint_interval is not None:
         argv += ["--checkpoint-interval", str(options.checkpoint_interval)]
     if options.no_cache:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,11 +32,10 @@ from protocol.messages import (
 )
 from worker.cache_adapters import ModelCacheOps, UnsupportedCache, kind_name, measure_layout
 from worker.memory import memory_stats
-from worker.memory_guard import InsufficientMemory, default_memory_limit, estimate_need
+from worker.memory_guard import InsufficientMemory, default_cache_bytes, default_memory_limit, estimate_need
 from worker.decode_batch import can_merge
 from worker.disk_tier import DiskTier
 from worker.fingerprint import model_fingerprint
-from worker.placement import extra_budget
 from worker.pool import Checkpoint, CheckpointPool, Lease, RestorePlan, Sequence, TakenCheckpoint
 from worker.state_codec import SavedPoint
 
@@ -52,7 +50,7 @@ class ContextLengthExceeded(ValueError):
 
 @dataclass
 class EngineConfig:
-    cache_bytes: int = 8 << 30
+    cache_bytes: int | None = None  # None: default_cache_bytes (worker/memory_guard.py)
     # Default picked by measurement (tests/benchmarks/bench_checkpoint_interval.py).
     checkpoint_interval: int = 256
     prefill_step: int = 512
@@ -81,23 +79,21 @@ class Engine:
         self.vocab_size = vocab_size
         self.ops, uncached_reason = _cache_ops(model)
         self.layout = self._layout(uncached_reason)
+        self.memory_limit = config.memory_limit or default_memory_limit(memory_stats(0))
+        cache_bytes = config.cache_bytes
+        if cache_bytes is None:
+            cache_bytes = default_cache_bytes(self.memory_limit, mx.get_active_memory())
         self.pool: CheckpointPool | None = None
         if self.ops is not None and config.cache_enabled:
-            budget = partial(
-                extra_budget,
-                kv_bytes_per_token=self.layout.kv_bytes_per_token,
-                snapshot_bytes=self.layout.snapshot_bytes,
-            )
             self.pool = CheckpointPool(
-                self.ops, config.cache_bytes, config.checkpoint_interval, config.max_lattice_points,
-                extra_budget=budget,
+                self.ops, cache_bytes, config.checkpoint_interval, config.max_lattice_points,
+                snapshot_sizes=(self.layout.kv_bytes_per_token, self.layout.snapshot_bytes),
             )
         self.disk: DiskTier | None = None
         if self.pool is not None and config.disk_dir and config.disk_cache_bytes > 0 and fingerprint:
             self.disk = DiskTier(Path(config.disk_dir) / fingerprint, config.disk_cache_bytes, self.ops)
             self.pool.on_evict = self._save_to_disk
         self.prefill_tokens_per_s = 1000.0  # refined by every prefill; decides disk load vs recompute
-        self.memory_limit = config.memory_limit or default_memory_limit(memory_stats(0))
         if config.max_kv_size:
             self.context_limit = min(self.context_limit, config.max_kv_size)
         self.activation_bytes = self._measure_activations()

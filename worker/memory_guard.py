@@ -56,5 +56,21 @@ def default_memory_limit(stats: MemoryStats) -> int:
     return int(stats.device_total * 0.9)
 
 
+# The pool's default share of what the model leaves under the memory limit; the rest is for the
+# running requests' KV and activations (the guard evicts the pool first when they need more).
+CACHE_SHARE = 0.75
+MIN_CACHE_BYTES = 256 << 20
+
+
+def default_cache_bytes(memory_limit: int, resident_bytes: int) -> int:
+    """The checkpoint pool's budget when none is given: CACHE_SHARE of the memory left after the model.
+
+    On a 128 GB Mac (a ~96 GiB working set) serving Qwen3-Next-80B-A3B at 4 bits (~42 GiB)
+    that is ~40 GiB: a dozen 60K-token conversations or ~25 8K-token ones with their
+    checkpoints (README, "Real-model arithmetic").
+    """
+    return max(MIN_CACHE_BYTES, int(CACHE_SHARE * (memory_limit - resident_bytes)))
+
+
 def mib(n: int) -> str:
     return f"{max(0, n) / 2**20:.1f}"

@@ -19,12 +19,16 @@ No MLX here. One request's prefill takes, beyond what it restored from:
   closer than MIN_RUNG_GAP (a split point: MIN_SPLIT_GAP) to another stop is
   left out: a short new message gets no ladder, a long one a rung every ~64+.
 
-The budget: the snapshots one prompt adds beyond the lattice and its prompt end
-may hold at most SNAPSHOT_SHARE of the prompt's KV bytes, and never fewer than
-MIN_EXTRA nor more than MAX_EXTRA snapshots. Hints and the fork point are
-placed first, then ladder rungs nearest the end. For a model whose snapshot is
-the size of 3,000 tokens of KV (Qwen3-Next), a 2K-token prompt gets MIN_EXTRA
-snapshots, a 60K-token one about ten; a tiny test model gets the cap.
+The budget (`SnapshotBudget`): the snapshots one prompt adds beyond the lattice
+and its prompt end may hold at most SNAPSHOT_SHARE of the prompt's KV bytes,
+never fewer than MIN_EXTRA nor more than MAX_EXTRA; the fork point first, then
+the most recent message ends (half the budget at most while rungs wait), then
+the split points nearest the end and the rungs, then the other hints. The
+lattice, likewise, holds at most LATTICE_SHARE of the sequence's KV bytes
+(MIN_LATTICE_POINTS at least). For a model whose snapshot is the size of 3,000
+tokens of KV (Qwen3-Next), a 2K-token prompt gets MIN_EXTRA extras and 2
+lattice points, a 60K-token one about ten of each; a tiny test model, whose
+snapshot is 66 tokens of KV, gets the caps.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ MIN_RUNG_GAP = 64  # a rung is taken when at least this far from every other sto
 SNAPSHOT_SHARE = 0.5  # extra snapshots of one prompt: at most this share of its KV bytes
 MIN_EXTRA = 4
 MAX_EXTRA = 40
+LATTICE_SHARE = 0.5  # a sequence's lattice: at most this share of its KV bytes ...
+MIN_LATTICE_POINTS = 2  # ... but at least this many points (and at most the pool's max_lattice_points)
 
 
 def ladder_offsets(
@@ -67,6 +73,24 @@ def extra_budget(prompt_tokens: int, kv_bytes_per_token: float, snapshot_bytes: 
         return MAX_EXTRA
     n = int(SNAPSHOT_SHARE * prompt_tokens * kv_bytes_per_token / snapshot_bytes)
     return max(MIN_EXTRA, min(MAX_EXTRA, n))
+
+
+@dataclass(frozen=True)
+class SnapshotBudget:
+    """What one sequence may spend on snapshots, from the model's sizes (0: no snapshots to count)."""
+
+    kv_bytes_per_token: float = 0.0
+    snapshot_bytes: float = 0.0
+    max_lattice_points: int = 16
+
+    def extra(self, prompt_tokens: int) -> int:
+        return extra_budget(prompt_tokens, self.kv_bytes_per_token, self.snapshot_bytes)
+
+    def lattice_points(self, tokens: int) -> int:
+        if self.snapshot_bytes <= 0:
+            return self.max_lattice_points
+        n = int(LATTICE_SHARE * tokens * self.kv_bytes_per_token / self.snapshot_bytes)
+        return max(MIN_LATTICE_POINTS, min(self.max_lattice_points, n))
 
 
 @dataclass(frozen=True)
@@ -122,9 +146,11 @@ def place(
         extra: dict[int, RestoreKind] = {}
         if p < fork_at < n:
             extra[fork_at] = RestoreKind.FORK
-        for pos in sorted(set(hints), reverse=True):
-            if p < pos < n and len(extra) < budget:
-                extra.setdefault(pos, RestoreKind.HINT)
+        hints = [pos for pos in sorted(set(hints), reverse=True) if p < pos < n and pos != fork_at]
+        first_hints = max(1, budget // 2)
+        for pos in hints[:first_hints]:
+            if len(extra) < budget:
+                extra[pos] = RestoreKind.HINT
         # Each stop is one more prefill chunk: a split point or a rung too close to another stop saves
         # too little for what it costs.
         stops = sorted({p, n, *wanted, *extra})
@@ -137,6 +163,9 @@ def place(
             if p < pos and _clear_of(stops, pos, gap):
                 extra[pos] = RestoreKind.TAIL
                 insort(stops, pos)
+        for pos in hints[first_hints:]:
+            if len(extra) < budget:
+                extra[pos] = RestoreKind.HINT
         wanted.update(extra)
     wanted[n] = RestoreKind.PROMPT_END
     return Placement(wanted)

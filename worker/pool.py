@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Protocol
 
 from protocol.messages import PoolStats, RestoreKind
 from worker.eviction import LANDMARKS, WHOLE, EvictionIndex, EvictionPolicy, UnitFacts, checkpoint_tier
-from worker.placement import MAX_EXTRA, place
+from worker.placement import SnapshotBudget, place
 from worker.trie import Match, Node, TokenTrie
 
 log = logging.getLogger("mlx_cache_proxy.worker")
@@ -133,7 +133,7 @@ class CheckpointPool:
         max_lattice_points: int = 16,
         on_evict: Callable[[Sequence, list[Checkpoint]], None] | None = None,
         policy: EvictionPolicy | None = None,
-        extra_budget: Callable[[int], int] | None = None,
+        snapshot_sizes: tuple[float, float] = (0.0, 0.0),  # KV bytes per token, bytes of one snapshot
     ):
         self.ops = ops
         self.on_evict = on_evict  # sees each evicted sequence and the checkpoints on its path
@@ -152,8 +152,7 @@ class CheckpointPool:
         self.policy = policy or EvictionPolicy()
         self._index = EvictionIndex(self._priority, self._alive)
         self._kv_bytes_per_token = 1.0  # learnt from the sequences committed (scores count bytes in tokens of KV)
-        # Snapshots one prompt may add beyond its lattice and prompt end (worker.placement.extra_budget).
-        self.extra_budget = extra_budget or (lambda n_tokens: MAX_EXTRA)
+        self.budget = SnapshotBudget(*snapshot_sizes, max_lattice_points)  # what a sequence spends on snapshots
 
     # ------------------------------------------------------------- figures
 
@@ -178,7 +177,7 @@ class CheckpointPool:
     def lattice_stride(self, length: int) -> int:
         """Lattice spacing for a sequence of `length` tokens: doubles so the count stays bounded."""
         stride = self.checkpoint_interval
-        while length // stride > self.max_lattice_points:
+        while length // stride > self.budget.lattice_points(length):
             stride *= 2
         return stride
 
@@ -259,7 +258,7 @@ class CheckpointPool:
             hints=hints,
             splits=sorted(splits),
             fork_at=plan.match_length if p < plan.match_length < n else 0,
-            budget=self.extra_budget(n),
+            budget=self.budget.extra(n),
             snapshots=self.ops.needs_snapshots,
         )
         wanted = dict(placement.positions)
@@ -435,7 +434,7 @@ class CheckpointPool:
 
     def snapshot_cap(self, length: int) -> int:
         """Snapshots one sequence may keep on its own path: its lattice, and twice one prompt's extras."""
-        return self.max_lattice_points + 2 * self.extra_budget(length) + 1
+        return self.budget.lattice_points(length) + 2 * self.budget.extra(length) + 1
 
     def _cap_snapshots(self, seq: Sequence) -> None:
         """Keep a sequence's own checkpoints (not shared, not its anchor) within `snapshot_cap`, lowest score out."""

@@ -13,7 +13,7 @@ def write_toml(tmp_path, text):
 
 def test_defaults_when_nothing_is_given():
     values = resolve([], environ={})
-    assert values["port"] == 8080 and values["cache_bytes"] == 8 * 1024**3 and values["model"] == []
+    assert values["port"] == 8080 and values["cache_bytes"] is None and values["model"] == []
     assert values["no_cache"] is False and values["log_format"] == "text"
 
 
