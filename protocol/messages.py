@@ -17,7 +17,7 @@ Conversation shape (the worker binds a ROUTER socket, the proxy connects a DEALE
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, IntEnum
 from typing import ClassVar, Optional
 
 PROTOCOL_VERSION = 3
@@ -27,6 +27,14 @@ PROTOCOL_VERSION = 3
 # back from a prompt's end reaches no further (worker/placement.py).
 SPLIT_POINTS_REACH = 4096
 MAX_SPLIT_POINTS = 512
+
+
+class SplitKind(IntEnum):
+    """What a split point starts (Generate.split_kinds): stronger boundaries are preferred."""
+
+    SENTENCE = 0  # one of a long message's last sentences
+    LINE = 1
+    PARAGRAPH = 2  # after an empty line
 
 
 class FinishReason(str, Enum):
@@ -212,6 +220,7 @@ class Generate(Message):
     sampling: SamplingParams
     checkpoint_hints: list[int] = field(default_factory=list)  # token offsets of message ends
     split_points: list[int] = field(default_factory=list)  # line / paragraph / sentence starts near the end
+    split_kinds: list[int] = field(default_factory=list)  # a SplitKind per split point
     progress_every: int = 0  # send Progress every N prefilled tokens (0: never)
 
 

@@ -38,6 +38,7 @@ class RenderedPrompt:
     checkpoint_hints: list[int]  # token offsets of message ends, ascending, inside the prompt
     initial_state: str = "normal"  # "reasoning" when the template opened a think block
     split_points: list[int] = field(default_factory=list)  # structural boundaries near the end, ascending
+    split_kinds: list[int] = field(default_factory=list)  # a protocol.messages.SplitKind each
 
 
 def boundary_hints(
@@ -204,8 +205,12 @@ class ChatTokenizer:
             return self._render_tokens(messages, tools, kwargs, max_hints)
         hints = self._message_ends(messages, tools, kwargs, text, encoded, max_hints) if max_hints else []
         tokens = encoded.tokens
-        splits = [s for s in encoded.splits if len(tokens) - SPLIT_POINTS_REACH <= s < len(tokens)]
-        return RenderedPrompt(tokens, hints, self._initial_state(tokens), splits[-MAX_SPLIT_POINTS:])
+        near_end = [
+            (s, k) for s, k in zip(encoded.splits, encoded.split_kinds) if len(tokens) - SPLIT_POINTS_REACH <= s < len(tokens)
+        ][-MAX_SPLIT_POINTS:]
+        return RenderedPrompt(
+            tokens, hints, self._initial_state(tokens), [s for s, _ in near_end], [k for _, k in near_end]
+        )
 
     def _verified(self, tokens: list[int], messages, tools, kwargs) -> bool:
         self._verify_left -= 1

@@ -36,6 +36,7 @@ class GenerationJob:
     options: GenerationOptions
     text: TextOutput
     split_points: list[int] = field(default_factory=list)
+    split_kinds: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,7 @@ class Generation:
                 sampling=job.options.sampling(self.served.tokenizer.eos_token_ids),
                 checkpoint_hints=job.checkpoint_hints,
                 split_points=job.split_points,
+                split_kinds=job.split_kinds,
                 progress_every=self.settings.progress_every,
             )
         )

@@ -34,6 +34,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from protocol.messages import SplitKind
+
 log = logging.getLogger("mlx_cache_proxy")
 
 MAX_CACHED_TOKENS = 4_000_000  # ids of pieces kept (4 bytes each): 16 MB
@@ -45,7 +47,7 @@ _SENTENCE_END = (".", "?", "!", ":", ";", "。", "？", "！")
 @dataclass(frozen=True)
 class Piece:
     ids: array  # token ids ("i")
-    splits: tuple[int, ...]  # split points, token offsets inside the piece
+    splits: tuple[tuple[int, int], ...]  # (token offset inside the piece, SplitKind)
 
 
 @dataclass
@@ -56,6 +58,7 @@ class Encoded:
     char_starts: list[int]  # ascending; a piece starts at each
     token_starts: list[int]
     splits: list[int]  # split points, ascending token offsets
+    split_kinds: list[int]  # a SplitKind each
 
     def piece_at(self, char_offset: int) -> int:
         """The index of the piece holding text[char_offset] (the last one past the end)."""
@@ -128,6 +131,7 @@ class PromptEncoder:
         char_starts: list[int] = []
         token_starts: list[int] = []
         splits: list[int] = []
+        kinds: list[int] = []
         offset = 0
         for part in self._splitter.split(text):
             if not part:
@@ -141,11 +145,13 @@ class PromptEncoder:
                 piece = self._piece(part)
                 base = len(tokens)
                 tokens.extend(piece.ids)
-                splits.extend(base + s for s in piece.splits)
+                for at, kind in piece.splits:
+                    splits.append(base + at)
+                    kinds.append(kind)
             offset += len(part)
         char_starts.append(offset)
         token_starts.append(len(tokens))
-        return Encoded(tokens, char_starts, token_starts, splits)
+        return Encoded(tokens, char_starts, token_starts, splits, kinds)
 
     def _piece(self, part: str) -> Piece:
         piece = self._pieces.get(part)
@@ -163,7 +169,8 @@ class PromptEncoder:
 
     def _whole(self, text: str) -> Encoded:
         ids = self.backend.encode(text, add_special_tokens=False).ids
-        return Encoded(list(ids), [0, len(text)], [0, len(ids)], list(self._split_points(ids)))
+        splits = self._split_points(ids)
+        return Encoded(list(ids), [0, len(text)], [0, len(ids)], [s for s, _ in splits], [k for _, k in splits])
 
     # ------------------------------------------------------------ split points
 
@@ -173,20 +180,24 @@ class PromptEncoder:
             text = self._token_text[token_id] = self.backend.decode([token_id], skip_special_tokens=False)
         return text
 
-    def _split_points(self, ids: list[int]) -> tuple[int, ...]:
-        """After every line break, and at the start of each of the last sentences."""
+    def _split_points(self, ids: list[int]) -> tuple[tuple[int, int], ...]:
+        """(offset, SplitKind): after every line break (an empty line: a paragraph), and the last sentence starts."""
         if len(ids) < MIN_PIECE_FOR_SPLITS:
             return ()
-        lines, sentences = [], []
-        previous = self._text_of(ids[0])
+        lines: dict[int, int] = {}
+        sentences = []
+        before, previous = "", self._text_of(ids[0])
         for i in range(1, len(ids)):
             current = self._text_of(ids[i])
             if previous.endswith("\n"):
-                lines.append(i)
+                empty_line = previous.endswith("\n\n") or (previous.strip() == "" and before.endswith("\n"))
+                lines[i] = SplitKind.PARAGRAPH if empty_line else SplitKind.LINE
             elif previous.rstrip().endswith(_SENTENCE_END) and current[:1].isspace():
                 sentences.append(i)
-            previous = current
-        return tuple(sorted(set(lines) | set(sentences[-LAST_SENTENCES:])))
+            before, previous = previous, current
+        for i in sentences[-LAST_SENTENCES:]:
+            lines.setdefault(i, SplitKind.SENTENCE)
+        return tuple((i, int(kind)) for i, kind in sorted(lines.items()))
 
     # ------------------------------------------------------------ the probe
 

@@ -183,7 +183,7 @@ async def _chat_job(
     )
     return GenerationJob(
         request_id, chat.model or served.model_id, rendered.tokens, rendered.checkpoint_hints, chat.options, text,
-        rendered.split_points,
+        rendered.split_points, rendered.split_kinds,
     )
 
 

@@ -181,7 +181,7 @@ class Engine:
         return self.pool.plan(prompt).restore_point if self.pool is not None else 0
 
     def acquire(
-        self, prompt: list[int], hints: list[int], max_tokens: int, extra_bytes: int = 0, splits: list[int] = ()
+        self, prompt: list[int], hints: list[int], max_tokens: int, extra_bytes: int = 0, splits: list[tuple[int, int]] = ()
     ) -> Lease:
         """A lease for `prompt` if it fits beside `extra_bytes` more (the running batch); else InsufficientMemory."""
         if self.pool is None:
@@ -199,7 +199,7 @@ class Engine:
         return self._from_disk(plan, hints, splits) or self.pool.checkout(plan)
 
     def acquire_forked(
-        self, prompt, hints, max_tokens, extra_bytes, cache, checkpoint: Checkpoint, splits: list[int] = ()
+        self, prompt, hints, max_tokens, extra_bytes, cache, checkpoint: Checkpoint, splits: list[tuple[int, int]] = ()
     ) -> Lease:
         """A lease over `cache`, forked from a running request's prefix at `checkpoint.position`."""
         plan = self.pool.plan_restored(prompt, hints, checkpoint, splits)
@@ -253,7 +253,7 @@ class Engine:
 
     # ------------------------------------------------------------- memory
 
-    def _from_disk(self, plan: RestorePlan, hints: list[int], splits: list[int] = ()) -> Lease | None:
+    def _from_disk(self, plan: RestorePlan, hints: list[int], splits: list[tuple[int, int]] = ()) -> Lease | None:
         """A lease restored from the disk tier, when it goes deeper and loads faster than recomputing."""
         if self.disk is None:
             return None

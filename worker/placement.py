@@ -15,7 +15,8 @@ No MLX here. One request's prefill takes, beyond what it restored from:
   structural boundary the proxy sent (a line or paragraph start, one of the
   message's last sentences) within its gap to the next rung, so an edit of a
   sentence restores at its start; the LAST_SPLITS boundaries nearest the end
-  are taken as they are. Every stop is one more prefill chunk, so a rung
+  (the last paragraph start, the last line start, the last sentences) are
+  taken as they are. Every stop is one more prefill chunk, so a rung
   closer than MIN_RUNG_GAP (a split point: MIN_SPLIT_GAP) to another stop is
   left out: a short new message gets no ladder, a long one a rung every ~64+.
 
@@ -37,16 +38,16 @@ from bisect import bisect_right, insort
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from protocol.messages import SPLIT_POINTS_REACH, RestoreKind
+from protocol.messages import SPLIT_POINTS_REACH, RestoreKind, SplitKind
 
 LADDER_FIRST = 64  # tokens back from the prompt's end of the first rung
-LADDER_RATIO = 1.3  # each rung this much further back than the one before
+LADDER_RATIO = 1.15  # each rung this much further back than the one before
 LADDER_REACH = SPLIT_POINTS_REACH  # no rung further back than this (the proxy sends split points as far)
 SNAP_WINDOW = 1.0  # a rung moves down to a structural boundary within this fraction of its gap
 LAST_SPLITS = 3  # the structural boundaries nearest the end are taken as they are (the last sentences)
 MIN_SPLIT_GAP = 16  # ... when at least this far from every other stop of the prefill
 MIN_RUNG_GAP = 64  # a rung is taken when at least this far from every other stop
-SNAPSHOT_SHARE = 0.5  # extra snapshots of one prompt: at most this share of its KV bytes
+SNAPSHOT_SHARE = 1.0  # extra snapshots of one prompt: at most this share of its KV bytes
 MIN_EXTRA = 4
 MAX_EXTRA = 40
 LATTICE_SHARE = 0.5  # a sequence's lattice: at most this share of its KV bytes ...
@@ -126,18 +127,41 @@ def ladder_positions(n: int, splits: Sequence[int], offsets: Iterable[int] = LAD
     return rungs
 
 
+def last_boundaries(splits: Sequence[tuple[int, int]], p: int, n: int) -> list[int]:
+    """The boundaries nearest the end worth a stop of their own, strongest first.
+
+    The last paragraph start (another question after a document), the last
+    line start, then the last sentence starts (an edit of the last sentences).
+    """
+    inside = [(pos, kind) for pos, kind in splits if p < pos < n]
+    out: list[int] = []
+    for wanted in (SplitKind.PARAGRAPH, SplitKind.LINE):
+        found = [pos for pos, kind in inside if kind >= wanted]
+        if found and found[-1] not in out:
+            out.append(found[-1])
+    for pos, _ in reversed(inside):
+        if len(out) >= LAST_SPLITS:
+            break
+        if pos not in out:
+            out.append(pos)
+    return out[:LAST_SPLITS]
+
+
 def place(
     n: int,
     restore_point: int,
     *,
     lattice_stride: int,
     hints: Iterable[int] = (),
-    splits: Sequence[int] = (),
+    splits: Sequence[tuple[int, int]] = (),
     fork_at: int = 0,
     budget: int = MAX_EXTRA,
     snapshots: bool = True,
 ) -> Placement:
-    """The checkpoints a prefill from `restore_point` to `n` takes (the prompt end always)."""
+    """The checkpoints a prefill from `restore_point` to `n` takes (the prompt end always).
+
+    `splits` are (position, SplitKind) pairs, ascending.
+    """
     p = restore_point
     wanted: dict[int, RestoreKind] = {}
     if snapshots:
@@ -154,9 +178,8 @@ def place(
         # Each stop is one more prefill chunk: a split point or a rung too close to another stop saves
         # too little for what it costs.
         stops = sorted({p, n, *wanted, *extra})
-        last_splits = [pos for pos in splits if p < pos < n][-LAST_SPLITS:]
-        candidates = [(pos, MIN_SPLIT_GAP) for pos in reversed(last_splits)]
-        candidates += [(pos, MIN_RUNG_GAP) for pos in ladder_positions(n, list(splits))]
+        candidates = [(pos, MIN_SPLIT_GAP) for pos in last_boundaries(splits, p, n)]
+        candidates += [(pos, MIN_RUNG_GAP) for pos in ladder_positions(n, [pos for pos, _ in splits])]
         for pos, gap in candidates:
             if len(extra) >= budget:
                 break

@@ -181,7 +181,7 @@ class CheckpointPool:
             stride *= 2
         return stride
 
-    def plan(self, prompt: list[int], hints: Iterable[int] = (), splits: Iterable[int] = ()) -> RestorePlan:
+    def plan(self, prompt: list[int], hints: Iterable[int] = (), splits: Iterable[tuple[int, int]] = ()) -> RestorePlan:
         match = self.trie.match(prompt)
         plan = RestorePlan(prompt, match=match, match_length=match.length)
         self._choose_restore_point(plan, match)
@@ -241,7 +241,7 @@ class CheckpointPool:
         return None
 
     def plan_restored(
-        self, prompt: list[int], hints: Iterable[int], checkpoint: Checkpoint, splits: Iterable[int] = ()
+        self, prompt: list[int], hints: Iterable[int], checkpoint: Checkpoint, splits: Iterable[tuple[int, int]] = ()
     ) -> RestorePlan:
         """A plan for a cache restored elsewhere (the disk tier) at `checkpoint.position`."""
         plan = RestorePlan(prompt, checkpoint.position, checkpoint.kind, None, False, checkpoint)
@@ -249,14 +249,14 @@ class CheckpointPool:
         plan.checkpoints_to_take = self._checkpoints_to_take(plan, hints, splits)
         return plan
 
-    def _checkpoints_to_take(self, plan: RestorePlan, hints: Iterable[int], splits: Iterable[int]) -> dict[int, RestoreKind]:
+    def _checkpoints_to_take(self, plan: RestorePlan, hints: Iterable[int], splits: Iterable[tuple[int, int]]) -> dict[int, RestoreKind]:
         n, p = len(plan.prompt), plan.restore_point
         placement = place(
             n,
             p,
             lattice_stride=self.lattice_stride(n),
             hints=hints,
-            splits=sorted(splits),
+            splits=sorted(splits),  # (position, SplitKind)
             fork_at=plan.match_length if p < plan.match_length < n else 0,
             budget=self.budget.extra(n),
             snapshots=self.ops.needs_snapshots,
@@ -268,12 +268,12 @@ class CheckpointPool:
 
     # ------------------------------------------------------------- leases
 
-    def lease(self, prompt: list[int], hints: Iterable[int] = (), splits: Iterable[int] = ()) -> Lease:
+    def lease(self, prompt: list[int], hints: Iterable[int] = (), splits: Iterable[tuple[int, int]] = ()) -> Lease:
         """Plan and check out in one step: the cache restored to the deepest usable point, pinned."""
         return self.checkout(self.plan(prompt, hints, splits))
 
     def lease_restored(
-        self, prompt: list[int], hints: Iterable[int], cache: Any, checkpoint: Checkpoint, splits: Iterable[int] = ()
+        self, prompt: list[int], hints: Iterable[int], cache: Any, checkpoint: Checkpoint, splits: Iterable[tuple[int, int]] = ()
     ) -> Lease:
         """A lease over a cache restored elsewhere (the disk tier, a running request's prefix)."""
         lease = Lease(cache, None, self.plan_restored(prompt, hints, checkpoint, splits))
@@ -417,16 +417,25 @@ class CheckpointPool:
     def _drop_superseded(self, seq: Sequence, prompt_end: int, tick: int) -> None:
         """Once a prompt has gone past them, generation ends, earlier tails and stored logits serve no one.
 
-        A later prompt that branches there restores from the message-boundary
-        hint the proxy sends for that spot, a few tokens further on.
+        Earlier tails: the ladder of an earlier prompt end this prompt went past
+        (a conversation going on). A prompt that left an earlier one before its
+        end (an edit, another question) keeps that prompt's ladder: the next edit
+        restores from it. A later prompt that branches at a passed message end
+        restores from the hint the proxy sent for that spot.
         """
-        for node in self.trie.path_to(seq.node):
+        path = self.trie.path_to(seq.node)
+        passed = max(
+            (d for node in path for d, c in node.checkpoints.items()
+             if d < prompt_end and c.kind in (RestoreKind.PROMPT_END, RestoreKind.GENERATION_END)),
+            default=0,
+        )  # fmt: skip
+        for node in path:
             for depth, ckpt in list(node.checkpoints.items()):
                 if depth >= prompt_end or ckpt.pins:
                     continue
                 if ckpt.kind is RestoreKind.GENERATION_END:
                     self._forget_checkpoint(node, depth)
-                elif ckpt.kind is RestoreKind.TAIL and ckpt.last_used < tick:
+                elif ckpt.kind is RestoreKind.TAIL and depth < passed and ckpt.last_used < tick:
                     self._forget_checkpoint(node, depth)  # an earlier prompt's tail
                 elif ckpt.logits is not None:
                     self._checkpoint_bytes -= ckpt.logits_nbytes

@@ -43,6 +43,7 @@ from protocol.messages import (
     Progress,
     RestoreKind,
     Result,
+    SplitKind,
     Timings,
     TokenLogprob,
 )
@@ -96,6 +97,12 @@ class Running:
     @property
     def rid(self) -> str:
         return self.request.request_id
+
+    @property
+    def splits(self) -> list[tuple[int, int]]:
+        """(position, SplitKind) of the split points the proxy sent (a line start when it sent no kinds)."""
+        kinds = self.request.split_kinds or [SplitKind.LINE] * len(self.request.split_points)
+        return list(zip(self.request.split_points, kinds))
 
 
 class StepLoop:
@@ -238,7 +245,7 @@ class StepLoop:
         extra = self._batch_growth_bytes(r)
         if donor is None:
             return self.engine.acquire(
-                r.prompt, r.request.checkpoint_hints, r.request.sampling.max_tokens, extra, r.request.split_points
+                r.prompt, r.request.checkpoint_hints, r.request.sampling.max_tokens, extra, r.splits
             )
         other, depth, snapshot = donor
         source = other.lease.cache if other.phase is Phase.PREFILLING else self.batch.view(other.rid)
@@ -246,7 +253,7 @@ class StepLoop:
         checkpoint = Checkpoint(depth, RestoreKind.FORK, snapshot)
         return self.engine.acquire_forked(
             r.prompt, r.request.checkpoint_hints, r.request.sampling.max_tokens, extra, cache, checkpoint,
-            r.request.split_points,
+            r.splits,
         )
 
     def _batch_growth_bytes(self, r: Running) -> int:

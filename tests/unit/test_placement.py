@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocol.messages import RestoreKind
+from protocol.messages import RestoreKind, SplitKind
 from worker.placement import (
     LADDER_OFFSETS,
     MAX_EXTRA,
@@ -45,7 +45,8 @@ def test_the_budget_scales_with_the_snapshot_size():
 )
 def test_a_placement_stays_inside_the_prefill_and_within_its_budget(n, p_share, hints, splits, budget, fork):
     p = int(p_share * n)
-    placed = place(n, p, lattice_stride=256, hints=hints, splits=sorted(set(splits)), fork_at=fork, budget=budget)
+    splits = [(pos, SplitKind.LINE) for pos in sorted(set(splits))]
+    placed = place(n, p, lattice_stride=256, hints=hints, splits=splits, fork_at=fork, budget=budget)
     positions = placed.positions
     assert positions[n] is RestoreKind.PROMPT_END
     assert all(p < pos <= n or pos == n for pos in positions)
@@ -69,6 +70,8 @@ def test_a_short_new_message_gets_no_ladder_and_a_long_one_a_rung_every_so_often
 
 
 def test_the_boundaries_nearest_the_end_are_taken_first():
-    # A document, then "\n\nQuestion 1: ..." 20 tokens from the end: that paragraph start is a stop.
-    placed = place(1500, 0, lattice_stride=4096, splits=[400, 900, 1480], budget=1)
-    assert placed.positions[1480] is RestoreKind.TAIL
+    # A document, then "\n\nQuestion 1: ..." 20 tokens from the end: that paragraph start is a stop,
+    # before the question's own sentence starts.
+    splits = [(400, SplitKind.PARAGRAPH), (900, SplitKind.LINE), (1480, SplitKind.PARAGRAPH), (1488, SplitKind.SENTENCE)]
+    placed = place(1500, 0, lattice_stride=4096, splits=splits, budget=1)
+    assert placed.positions[1480] is RestoreKind.TAIL and 1488 not in placed.positions

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from protocol.messages import RestoreKind
+from protocol.messages import RestoreKind, SplitKind
 from tests.unit.fake_cache_ops import BYTES_PER_TOKEN, SNAPSHOT_BYTES, FakeOps
 from worker.placement import LADDER_OFFSETS, MIN_RUNG_GAP
 from worker.pool import CheckpointPool, TakenCheckpoint
@@ -268,7 +268,7 @@ def test_tail_checkpoints_catch_a_new_ending_near_the_prompt_end():
 def test_the_ladder_moves_to_structural_boundaries_in_its_window():
     pool = make_pool(interval=1000)
     message = list(range(500, 800))
-    splits = [100, 200, 280, 295]  # line starts, say
+    splits = [(pos, SplitKind.LINE) for pos in (100, 200, 280, 295)]
     plan = pool.plan(message, splits=splits)
     tails = {p for p, k in plan.checkpoints_to_take.items() if k is RestoreKind.TAIL}
     assert 280 in tails and 295 not in tails  # the boundaries nearest the end (not too near it)

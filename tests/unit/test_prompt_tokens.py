@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from protocol.messages import SplitKind
 from proxy.chat import ChatTokenizer
 from proxy.prompt_tokens import PromptEncoder
 
@@ -182,10 +183,16 @@ def test_split_points_are_line_starts_and_the_last_sentence_starts(tokenizers):
     rendered = tok.render_chat([{"role": "user", "content": body * 3}])
     wrapper = tok.wrapper
     assert rendered.split_points
-    for s in rendered.split_points:
-        before = wrapper.decode(rendered.tokens[s - 1 : s])
+    assert SplitKind.PARAGRAPH in rendered.split_kinds and SplitKind.SENTENCE in rendered.split_kinds
+    for s, kind in zip(rendered.split_points, rendered.split_kinds):
+        before = wrapper.decode(rendered.tokens[s - 2 : s])
         after = wrapper.decode(rendered.tokens[s : s + 1])
-        assert before.endswith("\n") or (before.rstrip().endswith(".") and after[:1].isspace()), (before, after)
+        if kind == SplitKind.PARAGRAPH:
+            assert before.endswith("\n\n"), before
+        elif kind == SplitKind.LINE:
+            assert before.endswith("\n"), before
+        else:
+            assert before.rstrip().endswith(".") and after[:1].isspace(), (before, after)
 
 
 def test_verification_falls_back_to_the_templates_tokens_on_a_mismatch(tokenizers):
