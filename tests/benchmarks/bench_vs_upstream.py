@@ -38,9 +38,10 @@ Choices, so that the comparison is fair and the figures mean what they say:
   memory against memory. Each proxy gets a fresh MLX_CACHE_PROXY_HOME.
 - The proxy's figure is `pool.bytes` from /health, once a heartbeat newer than
   the workload's last request has arrived.
-- The mix runs twice: under 50% and under 100% of the bytes a perfectly shared
-  cache needs to hold it whole (distinct tokens x KV bytes per token + the fixed
-  states of each leaf, from a dry run), the same budget for both servers.
+- The mix runs under four budgets: 25%, 50%, 100% and 200% (workloads mix-0.25x,
+  mix, mix-1x, mix-2x) of the bytes a perfectly shared cache needs to hold it
+  whole (distinct tokens x KV bytes per token + the fixed states of each leaf,
+  from a dry run), the same budget for both servers.
 """
 
 from __future__ import annotations
@@ -250,6 +251,7 @@ class Sent:
     finish_reason: Optional[str]
     first_text_s: Optional[float] = None  # None: no text came back (EOS first)
     last_text_s: Optional[float] = None
+    response_id: Optional[str] = None  # the chunks' id (the proxy logs its requests under it)
 
 
 def openai_client(server: Server):
@@ -268,10 +270,11 @@ def stream_chat(client, messages, *, max_tokens: int, tools=None, seed: Optional
     if seed is not None:
         kwargs["seed"] = seed
     start = time.perf_counter()
-    first = last = None
+    first = last = response_id = None
     content, reasoning, usage, finish = [], [], None, None
     for chunk in client.chat.completions.create(**kwargs):
         now = time.perf_counter() - start
+        response_id = response_id or chunk.id
         for choice in chunk.choices:
             delta = choice.delta
             extra = delta.model_extra or {}
@@ -299,6 +302,7 @@ def stream_chat(client, messages, *, max_tokens: int, tools=None, seed: Optional
         finish_reason=finish,
         first_text_s=first,
         last_text_s=last,
+        response_id=response_id,
     )
 
 

@@ -164,6 +164,99 @@ def test_mix_interleaves_every_script_and_keeps_their_oracles():
             assert o.oracle <= m.oracle <= max(o.oracle, 3)
 
 
+def recorded(script) -> tuple[list[wl.Turn], dict[str, wl.Step]]:
+    """The script replayed with workloads.fake_replier, and each step by its label."""
+    steps: dict[str, wl.Step] = {}
+    reply = wl.fake_replier()
+
+    def replier(step: wl.Step):
+        steps[step.label] = step
+        return reply(step)
+
+    return wl.replay(script, wl.ChatRenderer(FakeTokenizer()), replier), steps
+
+
+def test_paragraphs_and_replace_words_keep_the_layout():
+    prose = wl.Prose(0)
+    text = prose.paragraphs(400)
+    assert len(text.split()) == 400 and "\n\n" in text and "\n" in text.replace("\n\n", "")
+    assert all(p.endswith(".") for p in text.split("\n\n"))
+    edited, first = wl.replace_words(text, 0.8, prose)
+    assert first == 320
+    old, new = text.split(), edited.split()
+    changed = [i for i, (a, b) in enumerate(zip(old, new)) if a != b]
+    assert len(new) == 400 and 1 <= len(changed) and first <= min(changed) and max(changed) < first + 6
+    # the whitespace (line and paragraph breaks) is untouched
+    assert [c for c in edited if c.isspace()] == [c for c in text if c.isspace()]
+
+
+@pytest.mark.parametrize("size", sorted(wl.SIZES))
+def test_edit_long_oracle_stops_at_each_edit(size):
+    size = wl.SIZES[size]
+    turns, steps = recorded(wl.edit_long(size))
+    n = size.edit_long_conversations
+    assert [t.label for t in turns] == [f"conv{i}:{s}" for s in ("original", "edit1", "edit2") for i in range(n)]
+    by_label = {t.label: t for t in turns}
+    positions = []
+    for i in range(n):
+        original, edit1, edit2 = (by_label[f"conv{i}:{s}"] for s in ("original", "edit1", "edit2"))
+        assert original.oracle <= 3  # other conversations share only the chat markup
+        message = steps[f"conv{i}:original"].messages[-1]["content"]
+        words = len(message.split())
+        assert size.edit_long_words[0] <= words <= size.edit_long_words[1]
+        assert all(len(s.messages) == 2 for s in (steps[f"conv{i}:edit1"], steps[f"conv{i}:edit2"]))
+        # system + edited message: the prefix is shared up to the edit, 5%-40% of the words before the end
+        assert edit1.oracle == wl.common_prefix(edit1.prompt, original.prompt)
+        end = len(original.prompt) - 3  # the message's last word: "</s> <s> assistant" follow it
+        assert 0.05 * words - 1 <= end - edit1.oracle <= 0.40 * words + 2
+        assert edit2.oracle == max(wl.common_prefix(edit2.prompt, edit1.prompt),
+                                   wl.common_prefix(edit2.prompt, original.prompt))
+        assert edit2.oracle < len(edit2.prompt) - 5 and edit2.oracle > len(edit2.prompt) // 20
+        assert edit2.oracle != edit1.oracle  # further back or forward
+        positions.append(end - edit1.oracle)
+    assert len(set(positions)) == n  # the edit point varies per conversation
+
+
+@pytest.mark.parametrize("size", sorted(wl.SIZES))
+def test_doc_reask_oracle_is_the_document(size):
+    size = wl.SIZES[size]
+    turns, steps = recorded(wl.doc_reask(size))
+    q = size.doc_reask_questions
+    assert [t.label for t in turns] == [f"doc{d}:question{i}" for i in range(q) for d in range(2)]
+    by_label = {t.label: t for t in turns}
+    for d in range(2):
+        first = by_label[f"doc{d}:question0"]
+        content = steps[f"doc{d}:question0"].messages[-1]["content"]
+        doc, question = content.rsplit("\n\n", 1)
+        assert "\n\n" in doc and question.endswith("?")
+        assert size.doc_reask_words[0] <= len(doc.split()) <= size.doc_reask_words[1]
+        assert first.oracle <= len(first.prompt) // 50  # the system prompt at most, if another doc came first
+        for i in range(1, q):
+            turn = by_label[f"doc{d}:question{i}"]
+            assert steps[f"doc{d}:question{i}"].messages[-1]["content"].startswith(doc + "\n\n")
+            assert turn.oracle == wl.common_prefix(turn.prompt, first.prompt)
+            assert len(doc.split()) <= turn.oracle < len(turn.prompt) - 5
+
+
+@pytest.mark.parametrize("target", [300, 2048, 5000])
+def test_warm_ttft_conversations_fit_their_length(target):
+    from tests.benchmarks.bench_warm_ttft import fitted_conversation
+
+    tok = FakeTokenizer()
+
+    def render(messages):
+        return tok.apply_chat_template(messages, add_generation_prompt=True)
+
+    messages = fitted_conversation(render, wl.Prose(target), target, system_words=40, turn_words=60)
+    assert target - 1 <= len(render(messages)) <= target  # one id per word: exact but for the last word's cut
+    assert [m["role"] for m in messages] == ["system"] + ["user", "assistant"] * ((len(messages) - 2) // 2) + ["user"]
+
+
+def test_mix_runs_at_four_budgets():
+    budgets = {w.name: w.budget_fraction for w in wl.WORKLOADS if w.script is wl.mix}
+    assert budgets == {"mix-0.25x": 0.25, "mix": 0.5, "mix-1x": 1.0, "mix-2x": 2.0}
+
+
 @pytest.mark.parametrize("size", sorted(wl.SIZES))
 @pytest.mark.parametrize("workload", wl.WORKLOADS, ids=lambda w: w.name)
 def test_every_workload_replays(size, workload):
@@ -259,3 +352,40 @@ def test_bench_batching_runs(tmp_path):
         assert r["requests"] == 4 and r["completion_tokens"] > 0 and r["wall_s"] > 0
         assert r["cached_tokens"] > 0 and r["cpu_s"] > 0
     assert {(c["where"], c["ratio"]) for c in data["checks"]} >= {("llama/shared/N=2", "cached proxy/max-batch-1")}
+
+
+# ------------------------------------------------------------------ real-model arithmetic
+
+
+def test_model_arithmetic_agrees_with_itself(tmp_path):
+    """The config arithmetic runs, and its figures are consistent: hybrids snapshot something, Mamba-2 has no KV."""
+    import json
+
+    from tests.benchmarks import model_arithmetic as ma
+
+    defaults, rows = ma.compute()
+    by_arch = {r.arch: r for r in rows}
+    assert len(by_arch) == len(ma.MODELS)
+    for spec, r in zip(ma.MODELS, rows):
+        assert r.layers_full + r.layers_sliding + r.layers_recurrent == spec.config["num_hidden_layers"]
+        assert r.snapshot_bytes > 0 and r.snapshot_bytes_mid_prefill >= r.snapshot_bytes
+        assert 0 < r.weight_bytes_4bit < r.params  # under a byte a parameter
+        for c in (r.conversation_60k, r.agent_8k):
+            assert c.snapshots == c.lattice + c.extra + 1 <= c.snapshot_cap
+            assert c.extra <= c.extra_budget and 0 < c.lattice <= defaults.max_lattice_points
+            assert c.lattice_stride % defaults.checkpoint_interval == 0
+            assert c.kv_bytes == r.kv_bytes_per_1k * c.tokens // ma.K
+            assert c.snapshot_bytes_nominal <= c.snapshot_bytes
+            assert c.total_bytes == c.kv_bytes + c.live_state_bytes + c.snapshot_bytes + c.logits_bytes
+    mamba = by_arch["mamba2"]
+    assert mamba.kv_bytes_per_1k == 0 and mamba.snapshot_tokens_of_kv is None
+    assert mamba.layers_recurrent == mamba.layers_full + mamba.layers_sliding + mamba.layers_recurrent
+    for arch in ("qwen3_next", "qwen3_5", "qwen3_5_moe", "gemma3_text", "gpt_oss"):
+        assert by_arch[arch].kv_bytes_per_1k > 0 and by_arch[arch].snapshot_tokens_of_kv > 0
+    # a window's buffer outgrows its size only mid-prefill; recurrent states do not change size
+    assert by_arch["qwen3_next"].snapshot_bytes_mid_prefill == by_arch["qwen3_next"].snapshot_bytes
+    assert by_arch["gemma3_text"].snapshot_bytes_mid_prefill > by_arch["gemma3_text"].snapshot_bytes
+
+    out = tmp_path / "arithmetic.json"
+    assert ma.main(["--json", str(out)]) == 0
+    assert [m["name"] for m in json.loads(out.read_text())["models"]] == [r.name for r in rows]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Generator, Iterable, Optional, Protocol, Sequence
 
@@ -53,6 +54,12 @@ class Size:
     edit_turns: int
     reasoning_queries: int
     reasoning_words: int
+    # edit-long: conversations, and the words of each one's long message (drawn per conversation)
+    edit_long_conversations: int
+    edit_long_words: tuple[int, int]
+    # doc-reask: the words of each of the two documents (drawn per document), questions per document
+    doc_reask_words: tuple[int, int]
+    doc_reask_questions: int
 
 
 SIZES: dict[str, Size] = {
@@ -63,6 +70,8 @@ SIZES: dict[str, Size] = {
         doc_words=250, questions=4,
         edit_turns=4,
         reasoning_queries=3, reasoning_words=30,
+        edit_long_conversations=3, edit_long_words=(500, 950),
+        doc_reask_words=(750, 1500), doc_reask_questions=3,
     ),
     "medium": Size(
         chat_turns=12, chat_system_words=80, chat_user_words=40,
@@ -71,6 +80,8 @@ SIZES: dict[str, Size] = {
         doc_words=700, questions=6,
         edit_turns=8,
         reasoning_queries=5, reasoning_words=60,
+        edit_long_conversations=5, edit_long_words=(500, 950),
+        doc_reask_words=(750, 1500), doc_reask_questions=5,
     ),
 }
 
@@ -119,15 +130,33 @@ class Prose:
     def words(self, n: int) -> list[str]:
         return [self.rng.choice(WORDS) for _ in range(n)]
 
-    def text(self, n_words: int) -> str:
+    def sentences(self, n_words: int) -> list[str]:
+        """n_words words in sentences of 6 to 14 words, each capitalized and ending with a full stop."""
         out, words = [], self.words(n_words)
         i = 0
         while i < len(words):
             length = self.rng.randint(6, 14)
             sentence = words[i:i + length]
-            out.append(sentence[0].capitalize() + " " + " ".join(sentence[1:]) + ".")
+            out.append(" ".join([sentence[0].capitalize(), *sentence[1:]]) + ".")
             i += length
-        return " ".join(out).replace(" .", ".")
+        return out
+
+    def text(self, n_words: int) -> str:
+        return " ".join(self.sentences(n_words))
+
+    def paragraphs(self, n_words: int) -> str:
+        """n_words words in paragraphs of 30 to 90 words, separated by "\n\n"; within a paragraph about
+        one sentence in five starts on a line of its own ("\n")."""
+        out = []
+        while n_words > 0:
+            size = min(n_words, self.rng.randint(30, 90))
+            n_words -= size
+            sentences = self.sentences(size)
+            text = sentences[0]
+            for sentence in sentences[1:]:
+                text += ("\n" if self.rng.random() < 0.2 else " ") + sentence
+            out.append(text)
+        return "\n\n".join(out)
 
 
 # ------------------------------------------------------------------ scripts
@@ -197,6 +226,61 @@ def edited_text(text: str, prose: Prose) -> str:
     words = text.split(" ")
     middle = len(words) // 2
     return " ".join(words[:middle] + prose.words(3) + words[middle + 1:])
+
+
+def replace_words(text: str, at: float, prose: Prose) -> tuple[str, int]:
+    """The text with 3 to 6 consecutive words replaced, starting at fraction `at` of its words (a
+    sentence-sized edit); line breaks, paragraph breaks, full stops and capitals stay where they were.
+    Returns the new text and the index of the first word replaced."""
+    parts = re.split(r"(\s+)", text)  # words at even indices, the whitespace between them at odd ones
+    n_words = (len(parts) + 1) // 2
+    count = prose.rng.randint(3, 6)
+    first = min(max(0, int(at * n_words)), n_words - count)
+    for i, new in zip(range(first, first + count), prose.words(count)):
+        old = parts[2 * i]
+        if old[:1].isupper():
+            new = new.capitalize()
+        parts[2 * i] = new + ("." if old.endswith(".") else "")
+    return "".join(parts), first
+
+
+def long_edit(size: Size, seed: int) -> Script:
+    """One conversation of edit-long: a system prompt and a long user message in paragraphs, the reply;
+    the message edited 5%-40% of its words before its end and regenerated (system + edited message);
+    then edited again, further back or further forward, and regenerated."""
+    prose = Prose(seed)
+    system = {"role": "system", "content": prose.text(size.chat_system_words)}
+    message = prose.paragraphs(prose.rng.randint(*size.edit_long_words))
+    yield _step([system, {"role": "user", "content": message}], "original")
+    back = prose.rng.uniform(0.05, 0.40)  # fraction of the message's words before its end
+    message, _ = replace_words(message, 1 - back, prose)
+    yield _step([system, {"role": "user", "content": message}], "edit1")
+    back = back * prose.rng.uniform(1.3, 2.0) if prose.rng.random() < 0.5 else back * prose.rng.uniform(0.2, 0.7)
+    message, _ = replace_words(message, 1 - min(back, 0.9), prose)
+    yield _step([system, {"role": "user", "content": message}], "edit2")
+
+
+def edit_long(size: Size, seed: int = 7, conversations: Optional[int] = None) -> Script:
+    """(h) Several conversations, interleaved, each a long message in paragraphs edited twice near its end
+    (long_edit), every edit regenerated."""
+    return interleave({f"conv{i}": long_edit(size, seed * 100 + i)
+                       for i in range(conversations or size.edit_long_conversations)})
+
+
+def reasked_document(size: Size, seed: int, questions: Optional[int] = None) -> Script:
+    """One document of doc-reask: a long document in paragraphs, a different question after "\n\n" in
+    each fresh chat."""
+    prose = Prose(seed)
+    system = {"role": "system", "content": "Answer from the document only."}
+    doc = prose.paragraphs(prose.rng.randint(*size.doc_reask_words))
+    for q in range(questions or size.doc_reask_questions):
+        question = prose.text(12)[:-1] + "?"
+        yield _step([system, {"role": "user", "content": f"{doc}\n\n{question}"}], f"question{q}")
+
+
+def doc_reask(size: Size, seed: int = 8, questions: Optional[int] = None) -> Script:
+    """(i) Two long documents in paragraphs, each asked several times in fresh chats, interleaved."""
+    return interleave({f"doc{i}": reasked_document(size, seed * 100 + i, questions) for i in range(2)})
 
 
 SEARCH_TOOL = {
@@ -298,8 +382,12 @@ WORKLOADS: tuple[Workload, ...] = (
     Workload("document", "chatml", document),
     Workload("edit", "chatml", edit),
     Workload("reasoning", "chatml-drop-reasoning", reasoning),
+    Workload("edit-long", "chatml", edit_long),
+    Workload("doc-reask", "chatml", doc_reask),
+    Workload("mix-0.25x", "chatml-drop-reasoning", mix, budget_fraction=0.25),
     Workload("mix", "chatml-drop-reasoning", mix, budget_fraction=0.5),
     Workload("mix-1x", "chatml-drop-reasoning", mix, budget_fraction=1.0),
+    Workload("mix-2x", "chatml-drop-reasoning", mix, budget_fraction=2.0),
 )
 
 # ------------------------------------------------------------------ rendering
