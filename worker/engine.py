@@ -36,6 +36,7 @@ from worker.memory_guard import InsufficientMemory, default_cache_bytes, default
 from worker.decode_batch import can_merge
 from worker.disk_tier import DiskTier
 from worker.fingerprint import model_fingerprint
+from worker.placement import DEFAULT_CHECKPOINT_INTERVAL
 from worker.pool import Checkpoint, CheckpointPool, Lease, RestorePlan, Sequence, TakenCheckpoint
 from worker.state_codec import SavedPoint
 
@@ -51,8 +52,9 @@ class ContextLengthExceeded(ValueError):
 @dataclass
 class EngineConfig:
     cache_bytes: int | None = None  # None: default_cache_bytes (worker/memory_guard.py)
-    # Default picked by measurement (tests/benchmarks/bench_checkpoint_interval.py).
-    checkpoint_interval: int = 256
+    # None: worker.placement.DEFAULT_CHECKPOINT_INTERVAL, the lattice budgeted by the model's snapshot size;
+    # a chosen interval is kept (up to max_lattice_points).
+    checkpoint_interval: int | None = None
     prefill_step: int = 512
     cache_enabled: bool = True
     max_lattice_points: int = 16
@@ -86,8 +88,10 @@ class Engine:
         self.pool: CheckpointPool | None = None
         if self.ops is not None and config.cache_enabled:
             self.pool = CheckpointPool(
-                self.ops, cache_bytes, config.checkpoint_interval, config.max_lattice_points,
+                self.ops, cache_bytes, config.checkpoint_interval or DEFAULT_CHECKPOINT_INTERVAL,
+                config.max_lattice_points,
                 snapshot_sizes=(self.layout.kv_bytes_per_token, self.layout.snapshot_bytes),
+                lattice_by_bytes=config.checkpoint_interval is None,
             )
         self.disk: DiskTier | None = None
         if self.pool is not None and config.disk_dir and config.disk_cache_bytes > 0 and fingerprint:
@@ -151,6 +155,9 @@ class Engine:
         points = [
             SavedPoint(c.position, c.kind.value, c.snapshot, c.logits) for c in checkpoints if c.position <= end
         ]
+        if self.ops.needs_snapshots and end > seq.prompt_end and not any(p.position == end for p in points):
+            # In memory the live cache is the state at its end; on disk it needs a snapshot of its own.
+            points.append(SavedPoint(end, RestoreKind.GENERATION_END.value, self.ops.snapshot(seq.cache, end), None))
         if self.ops.needs_snapshots and not points:
             return  # nowhere to restore it exactly
         self.disk.save(seq.tokens, seq.cache, points)
@@ -216,9 +223,7 @@ class Engine:
             return
         mx.eval([c.state for c in cache])
         lease.cache = cache
-        end = len(tokens)
-        if end > prompt_end and not any(t.position == end for t in taken):
-            taken = [*taken, self.checkpoint(cache, end, RestoreKind.GENERATION_END, None)]
+        # No snapshot at the generation end: the stored cache is that state (CheckpointPool._continue_at_an_end).
         self.pool.commit(lease, list(tokens), prompt_end, taken)
 
     def discard(self, lease: Lease) -> None:

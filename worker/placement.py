@@ -40,6 +40,7 @@ from typing import Iterable, Sequence
 
 from protocol.messages import SPLIT_POINTS_REACH, RestoreKind, SplitKind
 
+DEFAULT_CHECKPOINT_INTERVAL = 256  # tokens between lattice points before the stride doubles
 LADDER_FIRST = 64  # tokens back from the prompt's end of the first rung
 LADDER_RATIO = 1.15  # each rung this much further back than the one before
 LADDER_REACH = SPLIT_POINTS_REACH  # no rung further back than this (the proxy sends split points as far)
@@ -83,12 +84,13 @@ class SnapshotBudget:
     kv_bytes_per_token: float = 0.0
     snapshot_bytes: float = 0.0
     max_lattice_points: int = 16
+    lattice_by_bytes: bool = True  # False: an interval the user chose, kept up to max_lattice_points
 
     def extra(self, prompt_tokens: int) -> int:
         return extra_budget(prompt_tokens, self.kv_bytes_per_token, self.snapshot_bytes)
 
     def lattice_points(self, tokens: int) -> int:
-        if self.snapshot_bytes <= 0:
+        if self.snapshot_bytes <= 0 or not self.lattice_by_bytes:
             return self.max_lattice_points
         n = int(LATTICE_SHARE * tokens * self.kv_bytes_per_token / self.snapshot_bytes)
         return max(MIN_LATTICE_POINTS, min(self.max_lattice_points, n))

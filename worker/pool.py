@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Protocol
 
 from protocol.messages import PoolStats, RestoreKind
 from worker.eviction import LANDMARKS, WHOLE, EvictionIndex, EvictionPolicy, UnitFacts, checkpoint_tier
-from worker.placement import SnapshotBudget, place
+from worker.placement import DEFAULT_CHECKPOINT_INTERVAL, SnapshotBudget, place
 from worker.trie import Match, Node, TokenTrie
 
 log = logging.getLogger("mlx_cache_proxy.worker")
@@ -56,6 +56,7 @@ class Checkpoint:
     node: Node | None = None  # where it sits in the trie (None: not stored, or gone)
     pins: int = 0  # running requests holding it: never evicted while > 0
     hits: int = 0  # times restored from
+    anchor_of: set[int] = field(default_factory=set)  # keys of sequences it is an anchor of (_anchor)
 
     @property
     def nbytes(self) -> int:
@@ -78,6 +79,7 @@ class Sequence:
     pins: int = 0  # running requests holding it (taken over in place): never evicted while > 0
     hits: int = 0  # times taken over
     mark: Node | None = None  # the node marking its prompt end (for in-place lookups), or an ancestor after a split
+    anchors: list[Checkpoint] = field(default_factory=list)  # checkpoints that leave only with it (_anchor)
 
 
 @dataclass
@@ -129,11 +131,12 @@ class CheckpointPool:
         self,
         ops: CacheOps,
         capacity_bytes: int,
-        checkpoint_interval: int = 256,
+        checkpoint_interval: int = DEFAULT_CHECKPOINT_INTERVAL,
         max_lattice_points: int = 16,
         on_evict: Callable[[Sequence, list[Checkpoint]], None] | None = None,
         policy: EvictionPolicy | None = None,
         snapshot_sizes: tuple[float, float] = (0.0, 0.0),  # KV bytes per token, bytes of one snapshot
+        lattice_by_bytes: bool = True,  # False: the interval was chosen; only max_lattice_points bounds it
     ):
         self.ops = ops
         self.on_evict = on_evict  # sees each evicted sequence and the checkpoints on its path
@@ -152,7 +155,7 @@ class CheckpointPool:
         self.policy = policy or EvictionPolicy()
         self._index = EvictionIndex(self._priority, self._alive)
         self._kv_bytes_per_token = 1.0  # learnt from the sequences committed (scores count bytes in tokens of KV)
-        self.budget = SnapshotBudget(*snapshot_sizes, max_lattice_points)  # what a sequence spends on snapshots
+        self.budget = SnapshotBudget(*snapshot_sizes, max_lattice_points, lattice_by_bytes)  # what a sequence spends on snapshots
 
     # ------------------------------------------------------------- figures
 
@@ -185,7 +188,7 @@ class CheckpointPool:
         match = self.trie.match(prompt)
         plan = RestorePlan(prompt, match=match, match_length=match.length)
         self._choose_restore_point(plan, match)
-        if plan.restore_point > 0:
+        if not self._continue_at_an_end(plan, match) and plan.restore_point > 0:
             self._choose_source(plan, match)
         if plan.source is None:  # nothing usable: a cold start
             plan.restore_point, plan.kind, plan.checkpoint = 0, RestoreKind.NONE, None
@@ -201,6 +204,28 @@ class CheckpointPool:
                 break
         if not self.ops.needs_snapshots and plan.restore_point < min(match.length, n - 1):
             plan.restore_point, plan.kind, plan.checkpoint = min(match.length, n - 1), RestoreKind.TRIM, None
+
+    def _continue_at_an_end(self, plan: RestorePlan, match: Match) -> bool:
+        """Take over a stored sequence whose every token starts the prompt, at its end, if that is deeper.
+
+        Its live cache is the state at its end, so a sequence keeps no snapshot
+        there (a hybrid's generation end costs nothing beyond the sequence).
+        """
+        if not self.ops.needs_snapshots:
+            return False
+        limit = min(match.length, len(plan.prompt) - 1)
+        for node in reversed(match.path):
+            if node.depth > limit or not node.entries:
+                continue
+            if node.depth <= plan.restore_point:
+                return False
+            for key in node.entries:
+                seq = self.sequences[key]
+                if not seq.pins:
+                    plan.restore_point, plan.kind, plan.checkpoint = node.depth, RestoreKind.GENERATION_END, None
+                    plan.source, plan.in_place = seq, True
+                    return True
+        return False
 
     def _choose_source(self, plan: RestorePlan, match: Match) -> None:
         """A stored sequence holding the prefix up to the restore point, found without a walk of the pool.
@@ -257,7 +282,8 @@ class CheckpointPool:
             lattice_stride=self.lattice_stride(n),
             hints=hints,
             splits=sorted(splits),  # (position, SplitKind)
-            fork_at=plan.match_length if p < plan.match_length < n else 0,
+            # A prompt leaving a stored one within a template header shares too little to keep a state for.
+            fork_at=plan.match_length if p < plan.match_length < n and plan.match_length >= MIN_SHARED_PREFIX else 0,
             budget=self.budget.extra(n),
             snapshots=self.ops.needs_snapshots,
         )
@@ -306,7 +332,7 @@ class CheckpointPool:
             self._index.forget(source)
             # Take the sequence over: its tail beyond p goes now, the rest is re-attached at commit.
             # Nothing here is proportional to the stored length: KV is trimmed by its offset.
-            cache = self.ops.restore(source.cache, p, snap)
+            cache = source.cache if p == len(source.tokens) and snap is None else self.ops.restore(source.cache, p, snap)
             source.cache = None  # the request owns it until commit (no second reference keeps old KV alive)
             del source.tokens[p:]
             self._move_to(source, self.trie.node_ending_at(plan.match, p))
@@ -333,6 +359,7 @@ class CheckpointPool:
                 self._add_checkpoint(seq, Checkpoint(t.position, t.kind, t.snapshot, t.logits, t.logits_nbytes, tick))
         self._thin_lattice(seq)
         self._drop_superseded(seq, prompt_end, tick)
+        self._anchor(seq)
         self._cap_snapshots(seq)
         self._touch(seq.node)
         self.evict_to(self.capacity_bytes)
@@ -382,6 +409,41 @@ class CheckpointPool:
         self._checkpoint_count += 1
         self._index.file(ckpt)
         self._refile_above(node, ckpt)
+
+    def _anchor(self, seq: Sequence) -> None:
+        """Hold the checkpoints without which `seq` is of little use: they leave only with it.
+
+        - The deepest checkpoint at or before its prompt end: the next turn restores
+          there when the template re-renders the generated reply differently.
+        - Where its first message ends (a system prompt, at least MIN_SHARED_PREFIX
+          tokens): what other conversations share, and what an evicted sequence is
+          cut back to (`_first_message_point`).
+        """
+        self._release_anchors(seq)
+        if not self.ops.needs_snapshots or seq.node is None:
+            return
+        held = []
+        node: Node | None = self.trie.node_covering(seq.node, seq.prompt_end) if seq.prompt_end > 0 else None
+        while node is not None and node is not self.trie.root:
+            depths = [d for d, c in node.checkpoints.items() if d <= seq.prompt_end and c.snapshot is not None]
+            if depths:
+                held.append(node.checkpoints[max(depths)])
+                break
+            node = node.parent
+        first = self._first_message_point(seq, at_most=len(seq.tokens))
+        if first is not None and first[1] not in held:
+            held.append(first[1])
+        for ckpt in held:
+            ckpt.anchor_of.add(seq.key)
+            self._index.file(ckpt)
+        seq.anchors = held
+
+    def _release_anchors(self, seq: Sequence) -> None:
+        held, seq.anchors = seq.anchors, []
+        for ckpt in held:
+            ckpt.anchor_of.discard(seq.key)
+            if ckpt.node is not None:
+                self._index.file(ckpt)
 
     def _refile_above(self, node: Node, ckpt: Checkpoint) -> None:
         """Re-file the checkpoints for which `ckpt`, just added, is the next one down: they now save less.
@@ -516,7 +578,7 @@ class CheckpointPool:
 
     def checkpoint_facts(self, ckpt: Checkpoint) -> tuple[bool, bool, UnitFacts]:
         protects = self._protects_a_prefix(ckpt.node)
-        anchor = not protects and self._is_anchor(ckpt)
+        anchor = not protects and (bool(ckpt.anchor_of) or self._is_anchor(ckpt))
         saved = max(1, ckpt.position - self._lower_restore_point(ckpt))
         held = ckpt.nbytes / self._kv_bytes_per_token
         facts = UnitFacts(saved, held, ckpt.last_used, ckpt.hits, checkpoint_tier(ckpt.kind))
@@ -605,7 +667,7 @@ class CheckpointPool:
         redundant = self._redundant(seq)
         if self.on_evict is not None and not redundant:
             self.on_evict(seq, self.checkpoints_on_path(seq))
-        keep = None if redundant else self._shared_restore_point(seq)
+        keep = None if redundant else self._shared_restore_point(seq) or self._first_message_point(seq)
         if keep is None:
             self._drop_sequence(seq)
         else:
@@ -630,6 +692,22 @@ class CheckpointPool:
                     return depth, ckpt
         return None
 
+    def _first_message_point(self, seq: Sequence, at_most: int | None = None) -> tuple[int, Checkpoint] | None:
+        """Where `seq`'s first message ends, if that is a prefix worth keeping (a system prompt).
+
+        Other conversations (agents, new chats) start the same way, as
+        mlx_lm.server's "system" segments assume; the hint the proxy sent for
+        that message end holds the state there.
+        """
+        for node in self.trie.path_to(seq.node):
+            hints = [d for d, c in node.checkpoints.items() if c.kind is RestoreKind.HINT and c.snapshot is not None]
+            if hints:
+                first = min(hints)
+                if MIN_SHARED_PREFIX <= first and (first < len(seq.tokens) or first == at_most):
+                    return first, node.checkpoints[first]
+                return None
+        return None
+
     def _shrink(self, seq: Sequence, position: int, ckpt: Checkpoint | None) -> None:
         """Cut `seq` back to `position`, into buffers of that length: the tail's memory is freed."""
         snapshot = ckpt.snapshot if ckpt is not None else None
@@ -639,6 +717,7 @@ class CheckpointPool:
         self._set_nbytes(seq, self.ops.nbytes(seq.cache))
         seq.prefix_only = seq.compacted = True
         self._move_to(seq, self.trie.insert(seq.tokens))
+        self._anchor(seq)
         self._index.file(seq)
 
     def checkpoints_on_path(self, seq: Sequence) -> list[Checkpoint]:
@@ -649,6 +728,7 @@ class CheckpointPool:
         seq.nbytes = nbytes
 
     def _drop_sequence(self, seq: Sequence) -> None:
+        self._release_anchors(seq)
         path = self.trie.path_to(seq.node) if seq.node is not None else []
         self._detach(seq)
         if self.sequences.pop(seq.key, None) is not None:
@@ -718,6 +798,9 @@ class CheckpointPool:
 
     def _forget_checkpoint(self, node: Node, depth: int) -> None:
         ckpt = self.trie.remove_checkpoint(node, depth)
+        for key in ckpt.anchor_of:
+            self.sequences[key].anchors.remove(ckpt)
+        ckpt.anchor_of.clear()
         self._checkpoint_bytes -= ckpt.nbytes
         self._checkpoint_count -= 1
         ckpt.node = None

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from protocol.messages import RestoreKind
-from worker.placement import LADDER_OFFSETS, MAX_EXTRA, MIN_EXTRA, SNAPSHOT_SHARE, place
+from worker.placement import DEFAULT_CHECKPOINT_INTERVAL, LADDER_OFFSETS, MAX_EXTRA, MIN_EXTRA, SNAPSHOT_SHARE, place
 from worker.memory_guard import CACHE_SHARE, default_cache_bytes
 from worker.pool import CheckpointPool
 
@@ -412,7 +412,7 @@ class Defaults:
     @classmethod
     def from_code(cls) -> "Defaults":
         d = engine_defaults()
-        return cls(d["checkpoint_interval"], d["max_lattice_points"], d["prefill_step"], int(MAC_BYTES * WORKING_SET))
+        return cls(DEFAULT_CHECKPOINT_INTERVAL, d["max_lattice_points"], d["prefill_step"], int(MAC_BYTES * WORKING_SET))
 
 
 class _LayoutOnly:

@@ -23,9 +23,7 @@ def run(pool, prompt, generated=(), hints=(), logits="L"):
             taken.append(TakenCheckpoint(pos, kind, snap, logits if pos == len(prompt) else None, 4 if pos == len(prompt) else 0))
     lease.cache.extend(generated)
     tokens = list(prompt) + list(generated)
-    if generated and pool.ops.needs_snapshots:
-        taken.append(TakenCheckpoint(len(tokens), RestoreKind.GENERATION_END, pool.ops.snapshot(lease.cache, len(tokens))))
-    pool.commit(lease, tokens, len(prompt), taken)
+    pool.commit(lease, tokens, len(prompt), taken)  # no snapshot at the generation end: the cache is that state
     return plan
 
 
@@ -51,7 +49,18 @@ def test_a_continued_conversation_is_taken_over_in_place_at_the_generation_end()
     turn2 = SYSTEM + [1, 2, 3, 7, 7, 7]
     plan = run(pool, turn2, generated=[4])
     assert plan.in_place and plan.restore_point == 43 and plan.kind is RestoreKind.GENERATION_END
+    assert plan.checkpoint is None  # the stored cache itself is the state at its end
     assert pool.ops.forks == 0 and len(pool.sequences) == 1
+    assert pool.plan(turn2 + [4, 9]).restore_point == len(turn2) + 1  # and again, one turn on
+
+
+def test_the_end_of_a_sequence_another_request_holds_is_not_taken_over():
+    pool = make_pool()
+    run(pool, SYSTEM, generated=[1, 2, 3])
+    held = pool.lease(SYSTEM + [1, 2, 3, 5])
+    plan = pool.plan(SYSTEM + [1, 2, 3, 6])
+    assert plan.source is not held.sequence and plan.restore_point <= 40  # a checkpoint, not the held end
+    pool.discard(held)
 
 
 def test_checkpoints_a_prompt_went_past_lose_what_no_one_will_use():
@@ -62,7 +71,7 @@ def test_checkpoints_a_prompt_went_past_lose_what_no_one_will_use():
     assert 43 not in kinds  # turn 1's generation end: superseded by turn 2's prompt
     assert kinds[40].kind is RestoreKind.PROMPT_END and kinds[40].logits is None
     assert kinds[45].logits == "L"  # the newest prompt end keeps its logits
-    assert kinds[46].kind is RestoreKind.GENERATION_END
+    assert 46 not in kinds  # the generation end is the stored cache itself
 
 
 def test_a_template_that_rewrites_the_reply_still_restores_at_the_prompt_end():
@@ -305,7 +314,7 @@ def test_a_sequence_in_use_is_never_evicted_even_over_budget():
     pool.capacity_bytes = 0
     pool.evict_to(0)  # over budget: everything unpinned goes, the running one stays
     assert lease.sequence.key in pool.sequences and pool.stats().pinned_sequences == 1
-    assert pool.stats().leases == 1 and pool.stats().pinned_checkpoints == 1
+    assert pool.stats().leases == 1 and pool.stats().pinned_checkpoints == 0  # restored at its end: no checkpoint
     run(pool, [7] * 30)  # another request commits (and evicts) meanwhile
     assert lease.sequence.key in pool.sequences
     pool.capacity_bytes = 10**9
