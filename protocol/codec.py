@@ -68,8 +68,15 @@ def _to_plain(value: Any) -> Any:
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, (list, tuple)):
+        if _all_ints(value):
+            return value  # token ids: msgpack packs them as they are (no per-item walk)
         return [_to_plain(v) for v in value]
     return value
+
+
+def _all_ints(values: Any) -> bool:
+    """A list of plain ints (not bools), checked at C speed: a prompt's 100K token ids cost ~1 ms."""
+    return all(map(int.__instancecheck__, values)) and not any(map(bool.__instancecheck__, values))
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,6 +113,10 @@ def _convert(tp: Any, raw: Any, where: str) -> Any:
         if not isinstance(raw, list):
             raise ProtocolError(f"{where}: expected a list")
         (item,) = typing.get_args(tp)
+        if item is int:
+            if not _all_ints(raw):
+                raise ProtocolError(f"{where}: expected a list of int")
+            return raw
         return [_convert(item, v, where) for v in raw]
     if dataclasses.is_dataclass(tp):
         return _from_plain(tp, raw)

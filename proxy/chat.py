@@ -209,7 +209,7 @@ class ChatTokenizer:
             (s, k) for s, k in zip(encoded.splits, encoded.split_kinds) if len(tokens) - SPLIT_POINTS_REACH <= s < len(tokens)
         ][-MAX_SPLIT_POINTS:]
         return RenderedPrompt(
-            tokens, hints, self._initial_state(tokens), [s for s, _ in near_end], [k for _, k in near_end]
+            tokens, hints, self._initial_state(tokens, text), [s for s, _ in near_end], [k for _, k in near_end]
         )
 
     def _verified(self, tokens: list[int], messages, tools, kwargs) -> bool:
@@ -262,9 +262,15 @@ class ChatTokenizer:
         )
         return [int(t) for t in out] if tokenize else out
 
-    def _initial_state(self, tokens: list[int]) -> str:
-        """"reasoning" when the prompt's last think marker opens a block (looked for from the end)."""
+    def _initial_state(self, tokens: list[int], text: Optional[str] = None) -> str:
+        """"reasoning" when the prompt's last think marker opens a block (looked for from the end).
+
+        With the rendered text at hand, a prompt whose text holds neither marker skips the token scan.
+        """
         state = "normal"
+        markers = (self.wrapper.think_start, self.wrapper.think_end)
+        if text is not None and self.wrapper.has_thinking and not any(m and m in text for m in markers):
+            return self.wrapper.response_initial_state or state
         if self.wrapper.has_thinking:
             n = len(tokens)
             for window in (256, 4096, n):
