@@ -224,7 +224,10 @@ class ChatTokenizer:
         """Token offsets where messages[:k] ends, for the last `max_hints` values of k (see `boundary_hints`)."""
         keys = MessageEnds.keys(messages, [tools, kwargs])
         n_tokens, hints = len(encoded.tokens), set()
-        for k in range(max(1, len(messages) - max_hints + 1), len(messages) + 1):
+        last = len(messages)
+        if self._continues_at_the_end(messages, tools, kwargs, text, keys[last]):
+            last -= 1  # the prompt end serves the next turn: no stop (a prefill chunk) just before it
+        for k in range(max(1, len(messages) - max_hints + 1), last + 1):
             end = self.message_ends.get(keys[k])
             if end is _UNKNOWN:
                 try:
@@ -240,6 +243,28 @@ class ChatTokenizer:
                 hints.add(offset)
         return sorted(hints)
 
+    def _continues_at_the_end(self, messages, tools, kwargs, text: str, key: int) -> bool:
+        """Does the next turn render this prompt's generation prompt as it is (so it starts with all of `text`)?
+
+        Then the prompt end is on the next prompt's path, and the last message's
+        end, a few tokens before it, needs no checkpoint of its own. Templates that
+        render the generation prompt differently from a past assistant turn (an
+        empty think block added only to the prompt) keep it. Remembered per conversation.
+        """
+        verdict_key = hash((key, "continues"))
+        verdict = self.message_ends.get(verdict_key)
+        if verdict is _UNKNOWN:
+            try:
+                after = self._apply(
+                    [*messages, {"role": "assistant", "content": "x"}], tools, kwargs,
+                    add_generation_prompt=False, tokenize=False,
+                )  # fmt: skip
+                verdict = (after.startswith(text), 0)
+            except Exception:
+                verdict = (False, 0)
+            self.message_ends.put(verdict_key, verdict)
+        return bool(verdict and verdict[0])
+
     def _render_tokens(self, messages, tools, kwargs, max_hints: int) -> RenderedPrompt:
         """The template's own tokenization, and a render per hinted message end (the slow way)."""
         try:
@@ -247,7 +272,12 @@ class ChatTokenizer:
         except Exception as exc:
             raise InvalidRequest(f"the chat template rejected the messages: {exc}", param="messages") from exc
 
+        text = self._apply(messages, tools, kwargs, add_generation_prompt=True, tokenize=False)
+        continues = self._continues_at_the_end(messages, tools, kwargs, text, MessageEnds.keys(messages, [tools, kwargs])[-1])
+
         def render_prefix(k: int) -> Optional[list[int]]:
+            if continues and k == len(messages):
+                return None  # see _continues_at_the_end
             try:
                 return self._apply(messages[:k], tools, kwargs, add_generation_prompt=False)
             except Exception:

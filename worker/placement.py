@@ -18,7 +18,8 @@ No MLX here. One request's prefill takes, beyond what it restored from:
   (the last paragraph start, the last line start, the last sentences) are
   taken as they are. Every stop is one more prefill chunk, so a rung
   closer than MIN_RUNG_GAP (a split point: MIN_SPLIT_GAP) to another stop is
-  left out: a short new message gets no ladder, a long one a rung every ~64+.
+  left out, and a prefill under MIN_LADDER_PREFILL tokens (a warm turn) takes
+  none: a long new message gets a rung every ~64+ tokens.
 
 The budget (`SnapshotBudget`): the snapshots one prompt adds beyond the lattice
 and its prompt end may hold at most SNAPSHOT_SHARE of the prompt's KV bytes,
@@ -48,6 +49,7 @@ SNAP_WINDOW = 1.0  # a rung moves down to a structural boundary within this frac
 LAST_SPLITS = 3  # the structural boundaries nearest the end are taken as they are (the last sentences)
 MIN_SPLIT_GAP = 16  # ... when at least this far from every other stop of the prefill
 MIN_RUNG_GAP = 64  # a rung is taken when at least this far from every other stop
+MIN_LADDER_PREFILL = 256  # a prefill shorter than this takes no rungs nor split points (one chunk or two)
 SNAPSHOT_SHARE = 1.0  # extra snapshots of one prompt: at most this share of its KV bytes
 MIN_EXTRA = 4
 MAX_EXTRA = 40
@@ -180,8 +182,10 @@ def place(
         # Each stop is one more prefill chunk: a split point or a rung too close to another stop saves
         # too little for what it costs.
         stops = sorted({p, n, *wanted, *extra})
-        candidates = [(pos, MIN_SPLIT_GAP) for pos in last_boundaries(splits, p, n)]
-        candidates += [(pos, MIN_RUNG_GAP) for pos in ladder_positions(n, [pos for pos, _ in splits])]
+        candidates = []
+        if n - p >= MIN_LADDER_PREFILL:  # a warm turn's few new tokens: each stop would cost a chunk
+            candidates += [(pos, MIN_SPLIT_GAP) for pos in last_boundaries(splits, p, n)]
+            candidates += [(pos, MIN_RUNG_GAP) for pos in ladder_positions(n, [pos for pos, _ in splits])]
         for pos, gap in candidates:
             if len(extra) >= budget:
                 break

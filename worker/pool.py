@@ -205,6 +205,17 @@ class CheckpointPool:
         if not self.ops.needs_snapshots and plan.restore_point < min(match.length, n - 1):
             plan.restore_point, plan.kind, plan.checkpoint = min(match.length, n - 1), RestoreKind.TRIM, None
 
+    def _keep_prefix_end(self, seq: Sequence, tick: int) -> None:
+        """Before a kept prefix (a system prompt) is continued in place, snapshot its end as a hint.
+
+        While it stood alone its live cache was that state; once a request extends
+        it, the next conversation sharing the prefix forks from this checkpoint.
+        """
+        node = self.trie.node_covering(seq.node, len(seq.tokens))
+        if len(seq.tokens) not in node.checkpoints:
+            snapshot = self.ops.snapshot(seq.cache, len(seq.tokens))
+            self._add_checkpoint(seq, Checkpoint(len(seq.tokens), RestoreKind.HINT, snapshot, last_used=tick))
+
     def _continue_at_an_end(self, plan: RestorePlan, match: Match) -> bool:
         """Take over a stored sequence whose every token starts the prompt, at its end, if that is deeper.
 
@@ -328,6 +339,8 @@ class CheckpointPool:
                 raise RuntimeError("a plan took over a sequence another request holds")
             source.last_used = tick
             source.hits += 1
+            if snap is None and p == len(source.tokens) and source.prefix_only and self.ops.needs_snapshots:
+                self._keep_prefix_end(source, tick)
             source.pins += 1
             self._index.forget(source)
             # Take the sequence over: its tail beyond p goes now, the rest is re-attached at commit.

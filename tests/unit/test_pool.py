@@ -258,16 +258,16 @@ def test_a_stored_sequence_keeps_its_anchor_while_it_stays():
 
 def test_tail_checkpoints_catch_a_new_ending_near_the_prompt_end():
     pool = make_pool(interval=1000)
-    document = list(range(500, 700))  # one long message: no hint inside it
+    document = list(range(500, 900))  # one long message: no hint inside it
     first = document + [1] * 10
     plan = run(pool, first, generated=[7])
     rungs = [len(first) - o for o in LADDER_OFFSETS if len(first) - o >= MIN_RUNG_GAP]  # clear of position 0
     assert set(rungs) == {p for p, k in plan.checkpoints_to_take.items() if k is RestoreKind.TAIL}
-    second = document[:190] + [2] * 12  # diverges 20 tokens before the first prompt's end
-    assert pool.plan(second).restore_point == max(r for r in rungs if r <= 190)
+    second = document[:390] + [2] * 12  # diverges 20 tokens before the first prompt's end
+    assert pool.plan(second).restore_point == max(r for r in rungs if r <= 390)
     # Once the conversation goes on past them, an earlier prompt's tails are dropped; the new
     # prompt's own tails (those after its restore point) are kept.
-    third = first + [7] + [3] * 100
+    third = first + [7] + [3] * 300  # a prefill long enough for a ladder (MIN_LADDER_PREFILL)
     run(pool, third, generated=[8])
     tails = sorted(d for n in pool.trie.nodes() for d, c in n.checkpoints.items() if c.kind is RestoreKind.TAIL)
     restored = len(first) + 1
