@@ -39,7 +39,7 @@ class UnitFacts:
     tier: int  # THIN, LANDMARK or WHOLE
 
 
-RECENCY_REQUESTS = 64  # a unit used this many requests later outranks one of the next tier up
+RECENCY_REQUESTS = 16  # a unit used this many requests later outranks one of the next tier up
 THIN, LANDMARK, WHOLE = 0, 1, 2  # the lattice and the ladder; message and prompt ends, forks; sequences
 # The ladder counts with the landmarks: it is where the next prompt diverges (an edit, another question).
 LANDMARKS = frozenset({RestoreKind.HINT, RestoreKind.PROMPT_END, RestoreKind.FORK, RestoreKind.TAIL})

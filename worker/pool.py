@@ -95,6 +95,7 @@ class RestorePlan:
     match: Match | None = None  # valid until the pool changes: check a plan out at once
     match_length: int = 0  # tokens shared with the deepest stored path
     checkpoints_to_take: dict[int, RestoreKind] = field(default_factory=dict)
+    hints: tuple[int, ...] = ()  # the message ends the proxy sent
 
     @property
     def logits(self) -> Any:
@@ -192,7 +193,8 @@ class CheckpointPool:
             self._choose_source(plan, match)
         if plan.source is None:  # nothing usable: a cold start
             plan.restore_point, plan.kind, plan.checkpoint = 0, RestoreKind.NONE, None
-        plan.checkpoints_to_take = self._checkpoints_to_take(plan, hints, splits)
+        plan.hints = tuple(sorted(hints))
+        plan.checkpoints_to_take = self._checkpoints_to_take(plan, plan.hints, splits)
         return plan
 
     def _choose_restore_point(self, plan: RestorePlan, match: Match) -> None:
@@ -204,6 +206,15 @@ class CheckpointPool:
                 break
         if not self.ops.needs_snapshots and plan.restore_point < min(match.length, n - 1):
             plan.restore_point, plan.kind, plan.checkpoint = min(match.length, n - 1), RestoreKind.TRIM, None
+
+    @staticmethod
+    def _first_message_marker(plan: RestorePlan, taken: list[TakenCheckpoint], end: int) -> list[TakenCheckpoint]:
+        """A model whose layers all rewind keeps no states, but where its first message ends is worth
+        a mark (no bytes): an evicted sequence is cut back to it (`_first_message_point`)."""
+        first = next((h for h in plan.hints if h >= MIN_SHARED_PREFIX), None)
+        if first is None or first > end or first != plan.hints[0] or any(t.position == first for t in taken):
+            return []
+        return [TakenCheckpoint(first, RestoreKind.HINT, None)]
 
     def _keep_prefix_end(self, seq: Sequence, tick: int) -> None:
         """Before a kept prefix (a system prompt) is continued in place, snapshot its end as a hint.
@@ -282,7 +293,8 @@ class CheckpointPool:
         """A plan for a cache restored elsewhere (the disk tier) at `checkpoint.position`."""
         plan = RestorePlan(prompt, checkpoint.position, checkpoint.kind, None, False, checkpoint)
         plan.match_length = checkpoint.position
-        plan.checkpoints_to_take = self._checkpoints_to_take(plan, hints, splits)
+        plan.hints = tuple(sorted(hints))
+        plan.checkpoints_to_take = self._checkpoints_to_take(plan, plan.hints, splits)
         return plan
 
     def _checkpoints_to_take(self, plan: RestorePlan, hints: Iterable[int], splits: Iterable[tuple[int, int]]) -> dict[int, RestoreKind]:
@@ -367,6 +379,8 @@ class CheckpointPool:
         if tokens and self._kv_bytes_per_token == 1.0:
             self._kv_bytes_per_token = max(1.0, seq.nbytes / len(tokens))
         self._move(seq, list(tokens))
+        if not self.ops.needs_snapshots:
+            taken = [*taken, *self._first_message_marker(lease.plan, taken, len(tokens))]
         for t in taken:
             if t.position <= len(tokens):
                 self._add_checkpoint(seq, Checkpoint(t.position, t.kind, t.snapshot, t.logits, t.logits_nbytes, tick))
@@ -433,10 +447,12 @@ class CheckpointPool:
           cut back to (`_first_message_point`).
         """
         self._release_anchors(seq)
-        if not self.ops.needs_snapshots or seq.node is None:
+        if seq.node is None:
             return
         held = []
-        node: Node | None = self.trie.node_covering(seq.node, seq.prompt_end) if seq.prompt_end > 0 else None
+        node: Node | None = None
+        if self.ops.needs_snapshots and seq.prompt_end > 0:  # (every position of a rewinding model restores)
+            node = self.trie.node_covering(seq.node, seq.prompt_end)
         while node is not None and node is not self.trie.root:
             depths = [d for d, c in node.checkpoints.items() if d <= seq.prompt_end and c.snapshot is not None]
             if depths:
@@ -713,7 +729,10 @@ class CheckpointPool:
         that message end holds the state there.
         """
         for node in self.trie.path_to(seq.node):
-            hints = [d for d, c in node.checkpoints.items() if c.kind is RestoreKind.HINT and c.snapshot is not None]
+            hints = [
+                d for d, c in node.checkpoints.items()
+                if c.kind is RestoreKind.HINT and (c.snapshot is not None or not self.ops.needs_snapshots)
+            ]  # fmt: skip
             if hints:
                 first = min(hints)
                 if MIN_SHARED_PREFIX <= first and (first < len(seq.tokens) or first == at_most):
