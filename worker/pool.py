@@ -602,7 +602,9 @@ class CheckpointPool:
 
     def sequence_facts(self, seq: Sequence) -> tuple[bool, bool, bool, UnitFacts]:
         saved = max(1, len(seq.tokens) - self._shared_depth(seq))
-        facts = UnitFacts(saved, seq.nbytes / self._kv_bytes_per_token, seq.last_used, seq.hits, WHOLE)
+        # Evicting it frees the part it does not share (it is cut back to the shared prefix).
+        held = seq.nbytes * saved / max(1, len(seq.tokens)) / self._kv_bytes_per_token
+        facts = UnitFacts(saved, held, seq.last_used, seq.hits, WHOLE)
         return seq.compacted, self._redundant(seq), seq.prefix_only, facts
 
     def checkpoint_facts(self, ckpt: Checkpoint) -> tuple[bool, bool, UnitFacts]:
