@@ -814,6 +814,13 @@ class CheckpointPool:
             self._checkpoint_count -= 1
             ckpt.node = None
             self._index.forget(ckpt)
+            self._unanchor(ckpt)
+
+    def _unanchor(self, ckpt: Checkpoint) -> None:
+        """`ckpt` is gone: the sequences it anchored drop it (their lists would keep its snapshot alive)."""
+        for key in ckpt.anchor_of:
+            self.sequences[key].anchors.remove(ckpt)
+        ckpt.anchor_of.clear()
 
     def _unmark(self, seq: Sequence) -> None:
         node = seq.mark
@@ -832,9 +839,7 @@ class CheckpointPool:
 
     def _forget_checkpoint(self, node: Node, depth: int) -> None:
         ckpt = self.trie.remove_checkpoint(node, depth)
-        for key in ckpt.anchor_of:
-            self.sequences[key].anchors.remove(ckpt)
-        ckpt.anchor_of.clear()
+        self._unanchor(ckpt)
         self._checkpoint_bytes -= ckpt.nbytes
         self._checkpoint_count -= 1
         ckpt.node = None

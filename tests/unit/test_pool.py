@@ -357,6 +357,12 @@ def check_consistency(pool):
             assert ckpt.node is node
     for seq in pool.sequences.values():
         assert seq.key in seq.node.entries and len(seq.tokens) == seq.node.depth
+        # Its anchors are stored checkpoints that know it (none kept alive after it left the pool).
+        for ckpt in seq.anchors:
+            assert ckpt.node is not None and seq.key in ckpt.anchor_of, (seq.key, ckpt)
+    for node in nodes:
+        for ckpt in node.checkpoints.values():
+            assert all(ckpt in pool.sequences[key].anchors for key in ckpt.anchor_of)
     # Every evictable unit is filed under a key no higher than its priority now, so the heap's
     # top is always the true lowest priority.
     index = pool._index
