@@ -39,7 +39,9 @@ class UnitFacts:
     tier: int  # THIN, LANDMARK or WHOLE
 
 
-RECENCY_REQUESTS = 16  # a unit used this many requests later outranks one of the next tier up
+# A unit used this many pool clock ticks later outranks one of the next tier up; the clock ticks at every
+# checkout and every commit, so that is about 8 requests.
+RECENCY_REQUESTS = 16
 THIN, LANDMARK, WHOLE = 0, 1, 2  # the lattice and the ladder; message and prompt ends, forks; sequences
 # The ladder counts with the landmarks: it is where the next prompt diverges (an edit, another question).
 LANDMARKS = frozenset({RestoreKind.HINT, RestoreKind.PROMPT_END, RestoreKind.FORK, RestoreKind.TAIL})
@@ -64,7 +66,7 @@ class EvictionPolicy:
     Group -1: KV buffers grown in steps, compacted (nothing is lost).
     Group 0: sequences another stored sequence covers (nothing is lost).
     Group 1, by score: checkpoints and sequences. A unit's score is its last
-    use (one point per RECENCY_REQUESTS requests), plus its tier (0 for the
+    use (one point per RECENCY_REQUESTS clock ticks, ~8 requests), plus its tier (0 for the
     lattice and the ladder, 1 for message ends, prompt ends and fork points, 2
     for a whole sequence), plus what it saves per what it holds squashed into
     [0, 1): tokens of recompute beyond the next-lower restore point left, times

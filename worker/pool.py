@@ -368,6 +368,10 @@ class CheckpointPool:
     def commit(self, lease: Lease, tokens: list[int], prompt_end: int, taken: list[TakenCheckpoint]) -> None:
         """Store the cache of a finished (or aborted) request, which has consumed `tokens`; unpin."""
         self._close(lease)
+        if not tokens:  # aborted before its first token: nothing to keep
+            if lease.sequence is not None:
+                self._drop_sequence(lease.sequence)
+            return
         tick = next(self._clock)
         seq = lease.sequence
         if seq is None:
