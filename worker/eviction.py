@@ -74,7 +74,7 @@ class EvictionPolicy:
     the clock for its inflation). So among units used at about the same time a
     sequence's lattice thins before its landmarks go, and they before the
     sequence does, the one that saves least per byte first; and what has not
-    been used for a few hundred requests falls behind what was used since.
+    been used for a few dozen requests falls behind what was used since.
     Group 2: what keeps a shared prefix, and a sequence's anchor (the deepest
     checkpoint on its path, without which a hybrid's KV cannot be restored),
     which only leaves with its sequence. With a disk tier every checkpoint is
