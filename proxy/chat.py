@@ -73,14 +73,16 @@ class MessageEnds:
     """Where the rendering of messages[:k] ends in a conversation's text, keyed by those messages' content.
 
     A value is (length, hash) of that prefix render, or None when the template
-    refused it; a key is a hash chained over the messages (and the tools and
-    template arguments), so a conversation's next turn finds its earlier
-    message ends without rendering them again.
+    refused it (and, under a derived key, whether the next turn continues at
+    the prompt end: `ChatTokenizer._continues_at_the_end`); a key is a hash
+    chained over the messages (and the tools and template arguments), so a
+    conversation's next turn finds its earlier message ends without rendering
+    them again.
     """
 
     def __init__(self, max_entries: int = 16384) -> None:
         self.max_entries = max_entries
-        self._ends: OrderedDict[int, Optional[tuple[int, int]]] = OrderedDict()
+        self._ends: OrderedDict[int, Any] = OrderedDict()
 
     @staticmethod
     def keys(messages: list[dict[str, Any]], context: Any) -> list[int]:
@@ -96,7 +98,7 @@ class MessageEnds:
             self._ends.move_to_end(key)
         return value
 
-    def put(self, key: int, value: Optional[tuple[int, int]]) -> None:
+    def put(self, key: int, value: Any) -> None:
         self._ends[key] = value
         while len(self._ends) > self.max_entries:
             self._ends.popitem(last=False)
@@ -259,11 +261,11 @@ class ChatTokenizer:
                     [*messages, {"role": "assistant", "content": "x"}], tools, kwargs,
                     add_generation_prompt=False, tokenize=False,
                 )  # fmt: skip
-                verdict = (after.startswith(text), 0)
+                verdict = after.startswith(text)
             except Exception:
-                verdict = (False, 0)
+                verdict = False
             self.message_ends.put(verdict_key, verdict)
-        return bool(verdict and verdict[0])
+        return verdict
 
     def _render_tokens(self, messages, tools, kwargs, max_hints: int) -> RenderedPrompt:
         """The template's own tokenization, and a render per hinted message end (the slow way)."""

@@ -86,12 +86,6 @@ class PromptEncoder:
             return self._whole(text)
         return self._by_pieces(text)
 
-    def stop_reusing(self) -> None:
-        """Encode whole texts from now on (a check found piece-wise ids differ)."""
-        self.reuses_pieces = False
-        self._pieces.clear()
-        self._cached_tokens = 0
-
     def prefix_length(self, encoded: Encoded, text: str, char_offset: int) -> Optional[int]:
         """How many of `encoded`'s tokens encode text[:char_offset] alone, if they do (else None).
 

@@ -211,8 +211,8 @@ class CheckpointPool:
     def _first_message_marker(plan: RestorePlan, taken: list[TakenCheckpoint], end: int) -> list[TakenCheckpoint]:
         """A model whose layers all rewind keeps no states, but where its first message ends is worth
         a mark (no bytes): an evicted sequence is cut back to it (`_first_message_point`)."""
-        first = next((h for h in plan.hints if h >= MIN_SHARED_PREFIX), None)
-        if first is None or first > end or first != plan.hints[0] or any(t.position == first for t in taken):
+        first = plan.hints[0] if plan.hints else 0
+        if not MIN_SHARED_PREFIX <= first <= end or any(t.position == first for t in taken):
             return []
         return [TakenCheckpoint(first, RestoreKind.HINT, None)]
 
@@ -351,13 +351,14 @@ class CheckpointPool:
                 raise RuntimeError("a plan took over a sequence another request holds")
             source.last_used = tick
             source.hits += 1
-            if snap is None and p == len(source.tokens) and source.prefix_only and self.ops.needs_snapshots:
+            at_its_end = snap is None and p == len(source.tokens)  # its live cache is the state at p
+            if at_its_end and source.prefix_only and self.ops.needs_snapshots:
                 self._keep_prefix_end(source, tick)
             source.pins += 1
             self._index.forget(source)
             # Take the sequence over: its tail beyond p goes now, the rest is re-attached at commit.
             # Nothing here is proportional to the stored length: KV is trimmed by its offset.
-            cache = source.cache if p == len(source.tokens) and snap is None else self.ops.restore(source.cache, p, snap)
+            cache = source.cache if at_its_end else self.ops.restore(source.cache, p, snap)
             source.cache = None  # the request owns it until commit (no second reference keeps old KV alive)
             del source.tokens[p:]
             self._move_to(source, self.trie.node_ending_at(plan.match, p))
@@ -380,7 +381,7 @@ class CheckpointPool:
         seq.cache, seq.prompt_end, seq.last_used = lease.cache, prompt_end, tick
         seq.prefix_only = seq.compacted = False
         self._set_nbytes(seq, self.ops.nbytes(seq.cache))
-        if tokens and self._kv_bytes_per_token == 1.0:
+        if self._kv_bytes_per_token == 1.0:
             self._kv_bytes_per_token = max(1.0, seq.nbytes / len(tokens))
         self._move(seq, list(tokens))
         if not self.ops.needs_snapshots:
@@ -454,15 +455,11 @@ class CheckpointPool:
         if seq.node is None:
             return
         held = []
-        node: Node | None = None
         if self.ops.needs_snapshots and seq.prompt_end > 0:  # (every position of a rewinding model restores)
             node = self.trie.node_covering(seq.node, seq.prompt_end)
-        while node is not None and node is not self.trie.root:
-            depths = [d for d, c in node.checkpoints.items() if d <= seq.prompt_end and c.snapshot is not None]
-            if depths:
-                held.append(node.checkpoints[max(depths)])
-                break
-            node = node.parent
+            at_prompt_end = self._deepest_below(node, seq.prompt_end + 1, lambda c: c.snapshot is not None)
+            if at_prompt_end is not None:
+                held.append(at_prompt_end)
         first = self._first_message_point(seq, at_most=len(seq.tokens))
         if first is not None and first[1] not in held:
             held.append(first[1])
@@ -625,13 +622,17 @@ class CheckpointPool:
         For a landmark, only landmarks count: the lattice and the ladder below it thin first.
         """
         landmark = ckpt.kind in LANDMARKS
-        node, below = ckpt.node, ckpt.position
+        lower = self._deepest_below(ckpt.node, ckpt.position, lambda c: not landmark or c.kind in LANDMARKS)
+        return lower.position if lower is not None else 0
+
+    def _deepest_below(self, node: Node | None, below: int, accept: Callable[[Checkpoint], bool]) -> Checkpoint | None:
+        """The deepest checkpoint `accept` takes at depth < `below`, from `node` up the path to the root."""
         while node is not None and node is not self.trie.root:
-            depths = [d for d, c in node.checkpoints.items() if d < below and (not landmark or c.kind in LANDMARKS)]
+            depths = [d for d, c in node.checkpoints.items() if d < below and accept(c)]
             if depths:
-                return max(depths)
+                return node.checkpoints[max(depths)]
             node = node.parent
-        return 0
+        return None
 
     def _shared_depth(self, seq: Sequence) -> int:
         """How many of `seq`'s tokens other stored sequences share (kept if it goes), or 0 if too few."""
@@ -813,6 +814,7 @@ class CheckpointPool:
             stack.extend(c for c in n.children.values() if c.entry_count)
 
     def _release(self, dropped: list[Checkpoint]) -> None:
+        """Checkpoints that left the trie (forgotten, or pruned with their path) leave the pool's books."""
         for ckpt in dropped:
             self._checkpoint_bytes -= ckpt.nbytes
             self._checkpoint_count -= 1
@@ -842,12 +844,7 @@ class CheckpointPool:
         seq.node = None
 
     def _forget_checkpoint(self, node: Node, depth: int) -> None:
-        ckpt = self.trie.remove_checkpoint(node, depth)
-        self._unanchor(ckpt)
-        self._checkpoint_bytes -= ckpt.nbytes
-        self._checkpoint_count -= 1
-        ckpt.node = None
-        self._index.forget(ckpt)
+        self._release([self.trie.remove_checkpoint(node, depth)])
         # No unit left saves less for it (the next one up saves more): nothing to re-file.
 
     def clear(self) -> None:
