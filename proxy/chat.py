@@ -12,6 +12,12 @@ reused (`PromptEncoder`), and a message end is found by rendering the messages
 up to it once per conversation: its place in the text is remembered by the
 content of those messages (`MessageEnds`), so a later turn only checks that the
 text still starts the same way.
+
+Client text never becomes a control token: the request's strings are marked
+(`proxy.control_tokens`) before rendering, and the encoder writes a marked
+token as plain text. Tokenizing runs on a few threads (a `tokenizers` encode
+releases the GIL, so a short prompt is not stuck behind a long one) and stops
+between pieces once its client has gone (`cancelled`).
 """
 
 from __future__ import annotations
@@ -19,14 +25,17 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from protocol.messages import MAX_SPLIT_POINTS, SPLIT_POINTS_REACH
+from proxy.control_tokens import MARK_END, MARK_START, ControlTokens
 from proxy.errors import InvalidRequest
-from proxy.prompt_tokens import Encoded, PromptEncoder
+from proxy.guards import check_text_size
+from proxy.prompt_tokens import Encoded, PromptEncoder, TokenizationCancelled
 from proxy.text_output import TextOutput
 
 log = logging.getLogger("mlx_cache_proxy")
@@ -83,6 +92,7 @@ class MessageEnds:
     def __init__(self, max_entries: int = 16384) -> None:
         self.max_entries = max_entries
         self._ends: OrderedDict[int, Any] = OrderedDict()
+        self._lock = threading.Lock()  # shared by the tokenizer threads
 
     @staticmethod
     def keys(messages: list[dict[str, Any]], context: Any) -> list[int]:
@@ -93,15 +103,17 @@ class MessageEnds:
         return chain
 
     def get(self, key: int) -> Any:
-        value = self._ends.get(key, _UNKNOWN)
-        if value is not _UNKNOWN:
-            self._ends.move_to_end(key)
-        return value
+        with self._lock:
+            value = self._ends.get(key, _UNKNOWN)
+            if value is not _UNKNOWN:
+                self._ends.move_to_end(key)
+            return value
 
     def put(self, key: int, value: Any) -> None:
-        self._ends[key] = value
-        while len(self._ends) > self.max_entries:
-            self._ends.popitem(last=False)
+        with self._lock:
+            self._ends[key] = value
+            while len(self._ends) > self.max_entries:
+                self._ends.popitem(last=False)
 
 
 def _canonical(value: Any) -> str:
@@ -151,12 +163,19 @@ class ChatTokenizer:
 
     def __init__(self, wrapper: Any) -> None:
         self.wrapper = wrapper
-        backend = getattr(getattr(wrapper, "_tokenizer", None), "_tokenizer", None)  # a `tokenizers.Tokenizer`
-        self.encoder: Optional[PromptEncoder] = None
+        hf = getattr(wrapper, "_tokenizer", None)
+        backend = getattr(hf, "_tokenizer", None)  # a `tokenizers.Tokenizer`
+        self.encoder: Optional[PromptEncoder] = None  # None: the slow path (`_render_tokens`)
+        self._whole: Optional[PromptEncoder] = None  # encodes whole texts (the check, and the slow path)
         if backend is not None and hasattr(backend, "get_added_tokens_decoder"):
-            self.encoder = PromptEncoder(backend)
+            self.encoder = self._whole = PromptEncoder(backend)
+            self.control = self.encoder.control
+        else:
+            self.control = ControlTokens(str(t) for t in getattr(hf, "added_tokens_decoder", {}).values())
         self.message_ends = MessageEnds()
         self._verify_left = self.VERIFY_FIRST
+        self._verify_lock = threading.Lock()
+        self.max_token_chars = _max_token_chars(wrapper)
 
     @classmethod
     def load(cls, model_path: Path) -> ChatTokenizer:
@@ -189,22 +208,33 @@ class ChatTokenizer:
         tools: Optional[list[dict[str, Any]]] = None,
         template_kwargs: Optional[dict[str, Any]] = None,
         max_hints: int = 8,
+        cancelled: Optional[threading.Event] = None,
+        token_limit: int = 0,
     ) -> RenderedPrompt:
-        messages = normalize_messages(messages)
+        """The prompt's tokens and hints; raises TokenizationCancelled once `cancelled` is set.
+
+        A rendered text too long for `token_limit` tokens whatever its tokens is
+        refused before it is tokenized (`check_text_size`).
+        """
+        messages = self.control.mark(normalize_messages(messages), "messages")
+        tools = self.control.mark(tools, "tools")
+        kwargs = self.control.mark(dict(template_kwargs or {}), "chat_template_kwargs")
         if not self.wrapper.has_chat_template:
             from mlx_lm.server import convert_chat  # mlx_lm.server's fallback, for parity
 
-            return RenderedPrompt(self.wrapper.encode(convert_chat(messages)), [])
-        kwargs = dict(template_kwargs or {})
+            return RenderedPrompt(self.wrapper.encode("") + self._encode_marked(convert_chat(messages)), [])
         if self.encoder is None:
-            return self._render_tokens(messages, tools, kwargs, max_hints)
+            return self._render_tokens(messages, tools, kwargs, max_hints, token_limit)
         try:
-            text = self._apply(messages, tools, kwargs, add_generation_prompt=True, tokenize=False)
+            text = self._apply(messages, tools, kwargs, add_generation_prompt=True)
         except Exception as exc:  # jinja raises TemplateError, templates raise anything
             raise InvalidRequest(f"the chat template rejected the messages: {exc}", param="messages") from exc
-        encoded = self.encoder.encode(text)
-        if self._verify_left > 0 and not self._verified(encoded.tokens, messages, tools, kwargs):
+        self._check_size(text, token_limit)
+        encoded = self.encoder.encode(text, cancelled)
+        if self._verify_left > 0 and not self._verified(encoded.tokens, text):
             return self._render_tokens(messages, tools, kwargs, max_hints)
+        if cancelled is not None and cancelled.is_set():
+            raise TokenizationCancelled()
         hints = self._message_ends(messages, tools, kwargs, text, encoded, max_hints) if max_hints else []
         tokens = encoded.tokens
         near_end = [
@@ -214,13 +244,37 @@ class ChatTokenizer:
             tokens, hints, self._initial_state(tokens, text), [s for s, _ in near_end], [k for _, k in near_end]
         )
 
-    def _verified(self, tokens: list[int], messages, tools, kwargs) -> bool:
-        self._verify_left -= 1
-        if tokens == self._apply(messages, tools, kwargs, add_generation_prompt=True):
-            return True
-        log.warning("this tokenizer's prompts differ when encoded piece by piece: each is now encoded whole")
-        self.encoder = None
-        return False
+    def _check_size(self, text: str, token_limit: int) -> None:
+        markers = text.count(MARK_START) + text.count(MARK_END)  # they add characters, not tokens
+        check_text_size(len(text) - markers, self.max_token_chars, token_limit)
+
+    def _verified(self, tokens: list[int], text: str) -> bool:
+        """Do the piece-wise ids equal the ids of the rendered text encoded at once?"""
+        expected = self._encode_marked(text)
+        with self._verify_lock:
+            self._verify_left -= 1
+            if tokens == expected:
+                return True
+            if self.encoder is not None:
+                log.warning("this tokenizer's prompts differ when encoded piece by piece: each is now encoded whole")
+            self.encoder = None
+            return False
+
+    def _encode_marked(self, text: str) -> list[int]:
+        """Text rendered from marked strings, encoded at once between its marked tokens (the check, the slow path).
+
+        Without a `tokenizers` backend, transformers' own `encode_marked_chat`,
+        which can write only special tokens as plain text.
+        """
+        if self._whole is not None:
+            return self._whole.encode_whole(text).tokens
+        from transformers.utils.chat_template_utils import encode_marked_chat
+
+        try:
+            return [int(t) for t in encode_marked_chat(self.wrapper._tokenizer, text)]
+        except ValueError as exc:  # a control token the tokenizer cannot write as plain text
+            raise InvalidRequest(f"the messages hold a control token this tokenizer cannot encode as text: {exc}",
+                                 param="messages") from exc  # fmt: skip
 
     def _message_ends(self, messages, tools, kwargs, text: str, encoded: Encoded, max_hints: int) -> list[int]:
         """Token offsets where messages[:k] ends, for the last `max_hints` values of k (see `boundary_hints`)."""
@@ -233,7 +287,7 @@ class ChatTokenizer:
             end = self.message_ends.get(keys[k])
             if end is _UNKNOWN:
                 try:
-                    prefix = self._apply(messages[:k], tools, kwargs, add_generation_prompt=False, tokenize=False)
+                    prefix = self._apply(messages[:k], tools, kwargs, add_generation_prompt=False)
                     end = (len(prefix), hash(prefix))
                 except Exception:  # some templates refuse a conversation without a user turn
                     end = None
@@ -258,41 +312,40 @@ class ChatTokenizer:
         if verdict is _UNKNOWN:
             try:
                 after = self._apply(
-                    [*messages, {"role": "assistant", "content": "x"}], tools, kwargs,
-                    add_generation_prompt=False, tokenize=False,
-                )  # fmt: skip
+                    [*messages, {"role": "assistant", "content": "x"}], tools, kwargs, add_generation_prompt=False
+                )
                 verdict = after.startswith(text)
             except Exception:
                 verdict = False
             self.message_ends.put(verdict_key, verdict)
         return verdict
 
-    def _render_tokens(self, messages, tools, kwargs, max_hints: int) -> RenderedPrompt:
+    def _render_tokens(self, messages, tools, kwargs, max_hints: int, token_limit: int = 0) -> RenderedPrompt:
         """The template's own tokenization, and a render per hinted message end (the slow way)."""
         try:
-            tokens = self._apply(messages, tools, kwargs, add_generation_prompt=True)
+            text = self._apply(messages, tools, kwargs, add_generation_prompt=True)
         except Exception as exc:
             raise InvalidRequest(f"the chat template rejected the messages: {exc}", param="messages") from exc
-
-        text = self._apply(messages, tools, kwargs, add_generation_prompt=True, tokenize=False)
+        self._check_size(text, token_limit)
+        tokens = self._encode_marked(text)
         continues = self._continues_at_the_end(messages, tools, kwargs, text, MessageEnds.keys(messages, [tools, kwargs])[-1])
 
         def render_prefix(k: int) -> Optional[list[int]]:
             if continues and k == len(messages):
                 return None  # see _continues_at_the_end
             try:
-                return self._apply(messages[:k], tools, kwargs, add_generation_prompt=False)
+                return self._encode_marked(self._apply(messages[:k], tools, kwargs, add_generation_prompt=False))
             except Exception:
                 return None
 
         hints = boundary_hints(tokens, render_prefix, len(messages), max_hints) if max_hints else []
         return RenderedPrompt(tokens, hints, self._initial_state(tokens))
 
-    def _apply(self, messages, tools, kwargs, *, add_generation_prompt: bool, tokenize: bool = True) -> Any:
-        out = self.wrapper.apply_chat_template(
-            messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=tokenize, **kwargs
+    def _apply(self, messages, tools, kwargs, *, add_generation_prompt: bool) -> str:
+        """The template's text for (already marked) messages; it is never tokenized as it is."""
+        return self.wrapper.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs
         )
-        return [int(t) for t in out] if tokenize else out
 
     def _initial_state(self, tokens: list[int], text: Optional[str] = None) -> str:
         """"reasoning" when the prompt's last think marker opens a block (looked for from the end).
@@ -315,7 +368,10 @@ class ChatTokenizer:
         return self.wrapper.response_initial_state or state
 
     def encode_text(self, text: str) -> list[int]:
-        """A completions prompt, tokenized as mlx_lm.server does (special tokens added)."""
+        """A completions prompt, tokenized as mlx_lm.server does (special tokens added).
+
+        A raw prompt is the client's own markup: its control tokens stay control tokens.
+        """
         return [int(t) for t in self.wrapper.encode(text)]
 
     # ------------------------------------------------------------ output
@@ -341,3 +397,18 @@ class ChatTokenizer:
 
     def token_text(self, token: int) -> str:
         return self.wrapper.decode([token])
+
+
+def _max_token_chars(wrapper: Any) -> int:
+    """The most characters one ordinary token stands for (for a lower bound on a text's tokens).
+
+    A byte-level token's string has one character per byte it stands for, a
+    SentencePiece one one per character, so no token covers more characters
+    of text than its string has.
+    """
+    try:
+        vocab = wrapper.get_vocab()
+        added = set(getattr(wrapper, "added_tokens_decoder", {}) or {})
+        return max((len(t) for t, i in vocab.items() if i not in added), default=0) or 64
+    except Exception:  # a tokenizer without a vocabulary listing: a generous bound
+        return 64

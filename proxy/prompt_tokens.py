@@ -17,6 +17,11 @@ that, prompts are encoded whole; and the caller checks the first prompts
 against the template's own tokenization (`proxy.chat`), a mismatch turning
 piece reuse off: slower, never different.
 
+Control tokens written by a client (wrapped in markers by `proxy.control_tokens`)
+are encoded as plain text, by a copy of the tokenizer without added tokens,
+each as a piece of its own; lone markers only cut the text. So a prompt is
+still one exact token sequence, and only the template's markup is special.
+
 Next to the ids the encoder finds *split points*: token offsets inside long
 pieces at structural boundaries (after a line or paragraph break, at the start
 of each of the piece's last sentences), where an edit of a long message or
@@ -26,8 +31,10 @@ there (see `worker/placement.py`).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import threading
 from array import array
 from bisect import bisect_right
 from collections import OrderedDict
@@ -35,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from protocol.messages import SplitKind
+from proxy.control_tokens import MARK_END, MARK_START, ControlTokens, is_marked, unmarked
 
 log = logging.getLogger("mlx_cache_proxy")
 
@@ -65,26 +73,37 @@ class Encoded:
         return max(0, bisect_right(self.char_starts, char_offset) - 1)
 
 
+class TokenizationCancelled(Exception):
+    """The client left while its prompt was being tokenized."""
+
+
 class PromptEncoder:
     """Encodes rendered prompts with a `tokenizers.Tokenizer`, reusing the ids of pieces seen before."""
 
     def __init__(self, backend: Any, max_cached_tokens: int = MAX_CACHED_TOKENS) -> None:
         self.backend = backend
         self.max_cached_tokens = max_cached_tokens
+        self.control = ControlTokens.of(backend)
         self._pieces: OrderedDict[str, Piece] = OrderedDict()
+        self._lock = threading.Lock()  # several tokenizer threads share the piece cache
         self._cached_tokens = 0
         self._token_text: dict[int, str] = {}
-        self._splitter, self._added = self._added_token_splitter(backend)
+        self._plain_ids: dict[str, list[int]] = {}
+        self._plain_backend: Any = None
+        self._splitter, self._added = self._added_token_splitter(backend, self.control)
+        self._marks = re.compile("(" + self.control.marked_alternatives() + ")")
+        self._added_ids = {int(i) for i in backend.get_added_tokens_decoder()}
         self.reuses_pieces = self._splitter is not None and self._probe()
         if self._splitter is not None and not self.reuses_pieces:
             log.info("this tokenizer does not split cleanly at its added tokens: prompts are encoded whole")
 
     # ------------------------------------------------------------ public
 
-    def encode(self, text: str) -> Encoded:
+    def encode(self, text: str, cancelled: Optional[threading.Event] = None) -> Encoded:
+        """The ids of `text`; raises TokenizationCancelled (between pieces) once `cancelled` is set."""
         if not self.reuses_pieces:
-            return self._whole(text)
-        return self._by_pieces(text)
+            return self.encode_whole(text, cancelled)
+        return self._by_pieces(text, cancelled)
 
     def prefix_length(self, encoded: Encoded, text: str, char_offset: int) -> Optional[int]:
         """How many of `encoded`'s tokens encode text[:char_offset] alone, if they do (else None).
@@ -108,7 +127,7 @@ class PromptEncoder:
     # ------------------------------------------------------------ pieces
 
     @staticmethod
-    def _added_token_splitter(backend: Any) -> tuple[Optional[re.Pattern], dict[str, int]]:
+    def _added_token_splitter(backend: Any, control: ControlTokens) -> tuple[Optional[re.Pattern], dict[str, int]]:
         added = {}
         for token_id, token in backend.get_added_tokens_decoder().items():
             if token.normalized or token.lstrip or token.rstrip or token.single_word or not token.content:
@@ -116,11 +135,12 @@ class PromptEncoder:
             added[token.content] = int(token_id)
         if not added:
             return None, {}
-        # Longest first: the alternation then matches as the tokenizer's leftmost-longest search does.
-        alternatives = sorted(added, key=len, reverse=True)
-        return re.compile("(" + "|".join(map(re.escape, alternatives)) + ")"), added
+        # Marked tokens first, then added tokens longest first: the alternation then matches
+        # as the tokenizer's leftmost-longest search does.
+        alternatives = "|".join(map(re.escape, sorted(added, key=len, reverse=True)))
+        return re.compile(f"({control.marked_alternatives()}|{alternatives})"), added
 
-    def _by_pieces(self, text: str) -> Encoded:
+    def _by_pieces(self, text: str, cancelled: Optional[threading.Event] = None) -> Encoded:
         tokens: list[int] = []
         char_starts: list[int] = []
         token_starts: list[int] = []
@@ -135,7 +155,12 @@ class PromptEncoder:
             token_id = self._added.get(part)
             if token_id is not None:
                 tokens.append(token_id)
+            elif self._marks.fullmatch(part):
+                if is_marked(part):  # a lone marker only cuts the text
+                    tokens.extend(self._plain(unmarked(part)))
             else:
+                if cancelled is not None and cancelled.is_set():
+                    raise TokenizationCancelled()
                 piece = self._piece(part)
                 base = len(tokens)
                 tokens.extend(piece.ids)
@@ -148,23 +173,98 @@ class PromptEncoder:
         return Encoded(tokens, char_starts, token_starts, splits, kinds)
 
     def _piece(self, part: str) -> Piece:
-        piece = self._pieces.get(part)
-        if piece is not None:
-            self._pieces.move_to_end(part)
-            return piece
-        ids = self.backend.encode(part, add_special_tokens=False).ids
+        with self._lock:
+            piece = self._pieces.get(part)
+            if piece is not None:
+                self._pieces.move_to_end(part)
+                return piece
+        ids = self.backend.encode(part, add_special_tokens=False).ids  # the GIL is released meanwhile
         piece = Piece(array("i", ids), self._split_points(ids))
-        self._pieces[part] = piece
-        self._cached_tokens += len(ids)
-        while self._cached_tokens > self.max_cached_tokens and len(self._pieces) > 1:
-            _, old = self._pieces.popitem(last=False)
-            self._cached_tokens -= len(old.ids)
+        with self._lock:
+            if part not in self._pieces:
+                self._pieces[part] = piece
+                self._cached_tokens += len(ids)
+            while self._cached_tokens > self.max_cached_tokens and len(self._pieces) > 1:
+                _, old = self._pieces.popitem(last=False)
+                self._cached_tokens -= len(old.ids)
         return piece
 
-    def _whole(self, text: str) -> Encoded:
-        ids = self.backend.encode(text, add_special_tokens=False).ids
-        splits = self._split_points(ids)
-        return Encoded(list(ids), [0, len(text)], [0, len(ids)], [s for s, _ in splits], [k for _, k in splits])
+    def encode_whole(self, text: str, cancelled: Optional[threading.Event] = None) -> Encoded:
+        """For tokenizers that do not split cleanly: the text encoded at once, between marked control tokens.
+
+        Pieces start at the added tokens (found from the offsets), so message
+        ends there need no extra encode (`prefix_length`).
+        """
+        tokens: list[int] = []
+        char_starts: list[int] = []
+        token_starts: list[int] = []
+        offset = 0
+        for index, part in enumerate(self._marks.split(text) if self._has_marks(text) else [text]):
+            if cancelled is not None and cancelled.is_set():
+                raise TokenizationCancelled()
+            if not part:
+                continue
+            char_starts.append(offset)
+            token_starts.append(len(tokens))
+            if self._marks.fullmatch(part):
+                if is_marked(part):
+                    tokens.extend(self._plain(unmarked(part)))
+            else:
+                self._encode_segment(part, index == 0, offset, tokens, char_starts, token_starts)
+            offset += len(part)
+        char_starts.append(offset)
+        token_starts.append(len(tokens))
+        splits = self._split_points(tokens)
+        return Encoded(tokens, char_starts, token_starts, [s for s, _ in splits], [k for _, k in splits])
+
+    def _encode_segment(
+        self, text: str, first: bool, offset: int, tokens: list[int], char_starts: list[int], token_starts: list[int]
+    ) -> None:
+        """Append `text`'s ids, and a piece start at each added token inside it."""
+        shift = 0
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        if not first:  # after a cut, as inside a text: no SentencePiece prefix space (as transformers does)
+            newline = self.backend.encode("\n", add_special_tokens=False).ids
+            after = self.backend.encode("\n" + text, add_special_tokens=False)
+            if after.ids[: len(newline)] == newline:
+                encoding, shift = after, len(newline)
+        ids, offsets = encoding.ids[shift:], encoding.offsets[shift:]
+        base = len(tokens)
+        tokens.extend(ids)
+        for i, token_id in enumerate(ids):
+            if token_id in self._added_ids:
+                start = offset + offsets[i][0] - (1 if shift else 0)
+                end = offset + offsets[i][1] - (1 if shift else 0)
+                for at, token_at in ((start, base + i), (end, base + i + 1)):
+                    if at > char_starts[-1]:
+                        char_starts.append(at)
+                        token_starts.append(token_at)
+
+    def _has_marks(self, text: str) -> bool:
+        return MARK_START in text or MARK_END in text
+
+    def _plain(self, content: str) -> list[int]:
+        """A control token's text as ordinary text (no added token can come out)."""
+        ids = self._plain_ids.get(content)
+        if ids is None:
+            plain = self._plain_tokenizer()
+            newline = plain.encode("\n", add_special_tokens=False).ids
+            after = plain.encode("\n" + content, add_special_tokens=False).ids
+            ids = after[len(newline):] if after[: len(newline)] == newline else plain.encode(content, add_special_tokens=False).ids
+            if self._added_ids.intersection(ids):  # merges that rebuild the token: one character at a time
+                ids = [i for ch in content for i in plain.encode(ch, add_special_tokens=False).ids]
+            ids = [i for i in ids if i not in self._added_ids]
+            self._plain_ids[content] = ids
+        return ids
+
+    def _plain_tokenizer(self) -> Any:
+        if self._plain_backend is None:
+            from tokenizers import Tokenizer
+
+            spec = json.loads(self.backend.to_str())
+            spec["added_tokens"] = []
+            self._plain_backend = Tokenizer.from_str(json.dumps(spec))
+        return self._plain_backend
 
     # ------------------------------------------------------------ split points
 

@@ -1,5 +1,11 @@
 """A prompt tokenized piece by piece is the template's own tokenization, token for token.
 
+"The template's own tokenization" is that of a template rendered from strings
+whose control tokens are marked, encoded by transformers' `encode_marked_chat`
+(text from a client never becomes a control token, see `proxy.control_tokens`);
+its plain-text encoder is a copy of the tokenizer without added tokens, so it
+can write non-special added tokens (`<think>`) as text too.
+
 `ChatTokenizer.render_chat` renders the template to text once and encodes it
 through `PromptEncoder`, which reuses the ids of pieces (the text between added
 tokens) seen before; its message-end hints come from `MessageEnds`. Both must
@@ -19,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protocol.messages import SplitKind
-from proxy.chat import ChatTokenizer
+from proxy.chat import ChatTokenizer, normalize_messages
 from proxy.prompt_tokens import PromptEncoder
 
 GEMMA_STYLE = (
@@ -129,11 +135,25 @@ def conversations(draw):
 
 
 def _template_tokens(tok, messages, tools=None):
-    return [int(t) for t in tok.wrapper.apply_chat_template(messages, tools=tools, add_generation_prompt=True)]
+    from tokenizers import Tokenizer
+    from transformers.utils.chat_template_utils import encode_marked_chat
+
+    hf = tok.wrapper._tokenizer
+    if "_encode_without_added_tokens" not in vars(hf):
+        spec = json.loads(hf._tokenizer.to_str())
+        spec["added_tokens"] = []
+        plain = Tokenizer.from_str(json.dumps(spec))
+        hf._encode_without_added_tokens = lambda text: plain.encode(text, add_special_tokens=False).ids
+    marked = tok.control.mark(normalize_messages(messages))
+    text = tok.wrapper.apply_chat_template(
+        marked, tools=tok.control.mark(tools), add_generation_prompt=True, tokenize=False
+    )
+    return [int(t) for t in encode_marked_chat(hf, text)]
 
 
 def _slow_hints(tok, messages, tools=None):
-    return tok._render_tokens(messages, tools, {}, 8).checkpoint_hints
+    marked = tok.control.mark(normalize_messages(messages))
+    return tok._render_tokens(marked, tok.control.mark(tools), {}, 8).checkpoint_hints
 
 
 NAMES = ["chatml", "chatml-tools", "chatml-drop-reasoning", "gemma", "llama3", "harmony", "sentencepiece"]
@@ -200,8 +220,8 @@ def test_verification_falls_back_to_the_templates_tokens_on_a_mismatch(tokenizer
     assert tok.encoder is not None and tok._verify_left > 0
 
     class Wrong(PromptEncoder):
-        def encode(self, text):
-            encoded = super().encode(text)
+        def encode(self, text, cancelled=None):
+            encoded = super().encode(text, cancelled)
             encoded.tokens.append(0)
             return encoded
 
