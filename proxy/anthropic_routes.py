@@ -20,7 +20,7 @@ from proxy.errors import ApiError
 from proxy.generation import Finished, Generation, GenerationJob, KeepAlive, Output, Prefill
 from proxy.openai_api import ResponseIdentity
 from proxy.responders import cache_headers
-from proxy.routes import _chat_job, _check_prompt, _forward_or_not_found, _serve_generation
+from proxy.routes import _chat_job, _check_prompt, _forward_or_not_found, _serve_generation, context_limit
 from proxy.served_model import ServedModel
 from proxy.sse import EventStream
 from proxy.state import REGISTRY
@@ -39,9 +39,10 @@ async def count_tokens(request: web.Request) -> web.StreamResponse:
     if served is None:
         return await _forward_or_not_found(request, body_bytes, name)
     chat = anthropic.parse_count_tokens_request(body)
-    rendered = await served.in_tokenizer_thread(
-        served.tokenizer.render_chat, chat.messages, tools=chat.tools, template_kwargs=chat.template_kwargs, max_hints=0
-    )
+    rendered = await served.tokenize(
+        served.tokenizer.render_chat, chat.messages, tools=chat.tools, template_kwargs=chat.template_kwargs,
+        max_hints=0, token_limit=context_limit(served),
+    )  # fmt: skip
     _check_prompt(served, rendered.tokens)
     return web.json_response({"input_tokens": len(rendered.tokens)})
 

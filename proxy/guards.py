@@ -40,6 +40,24 @@ def check_context(prompt_tokens: int, max_tokens: int, hello: Optional[Hello], m
     return max_tokens
 
 
+def check_text_size(chars: int, max_token_chars: int, limit: int, param: str = "messages") -> None:
+    """Refuse, before tokenizing, text that cannot fit a context of `limit` tokens whatever its tokens.
+
+    No token stands for more than `max_token_chars` characters, so `chars`
+    characters are at least chars / max_token_chars tokens: a cheap lower
+    bound that spares the tokenizer (seconds per megabyte) a prompt that can only be refused.
+    """
+    if not limit or max_token_chars <= 0:
+        return
+    at_least = chars // max_token_chars
+    if at_least >= limit:
+        raise ContextLengthExceeded(
+            f"the request holds {chars} characters of text: at least {at_least} tokens (no token of this model "
+            f"stands for more than {max_token_chars} characters), beyond this model's context limit of {limit} tokens",
+            param=param,
+        )
+
+
 def check_memory(prompt_tokens: int, max_tokens: int, hello: Optional[Hello], stats: Optional[Stats]) -> None:
     """Refuse a request that cannot fit in the worker's memory even with its pool emptied."""
     if hello is None or not hello.memory_limit:

@@ -24,7 +24,7 @@ from proxy.errors import (
     ShuttingDown,
 )
 from proxy.generation import Generation, GenerationJob, GenerationSettings
-from proxy.guards import check_context, check_memory
+from proxy.guards import check_context, check_memory, check_text_size
 from proxy.openai_api import ResponseIdentity
 from proxy.responders import ChatFormat, OpenAIResponder, Responder, TextFormat
 from proxy.served_model import ServedModel
@@ -166,12 +166,13 @@ async def _chat_job(
     request: web.Request, served: ServedModel, chat: api.ChatRequest, request_id: str
 ) -> GenerationJob:
     """A chat, rendered with the model's template and checkpoint hints, as a job (both chat APIs)."""
-    rendered = await served.in_tokenizer_thread(
+    rendered = await served.tokenize(
         served.tokenizer.render_chat,
         chat.messages,
         tools=chat.tools,
         template_kwargs=chat.template_kwargs,
         max_hints=request.app[CONFIG].max_hints,
+        token_limit=context_limit(served),
     )
     _check_prompt(served, rendered.tokens)
     text = served.tokenizer.text_output(
@@ -193,6 +194,7 @@ async def _prepare_text(
     config = request.app[CONFIG]
     completion = api.parse_completion_request(body, config.default_max_tokens)
     if isinstance(completion.prompt, str):
+        check_text_size(len(completion.prompt), served.tokenizer.max_token_chars, context_limit(served), "prompt")
         tokens = await served.in_tokenizer_thread(served.tokenizer.encode_text, completion.prompt)
     else:
         tokens = completion.prompt
@@ -202,6 +204,12 @@ async def _prepare_text(
     _check_prompt(served, tokens)
     text = served.tokenizer.text_output(stop=completion.options.stop)
     return GenerationJob(request_id, completion.model or served.model_id, tokens, [], completion.options, text)
+
+
+def context_limit(served: ServedModel) -> int:
+    """The worker's context limit in tokens (--max-kv-size included); 0: not known."""
+    hello = served.client.hello
+    return hello.context_limit if hello is not None else 0
 
 
 def _check_prompt(served: ServedModel, tokens: list[int]) -> None:

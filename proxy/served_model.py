@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ log = logging.getLogger("mlx_cache_proxy")
 
 T = TypeVar("T")
 
+TOKENIZER_THREADS = 4
+
 
 @dataclass
 class ServedModel:
@@ -37,9 +40,10 @@ class ServedModel:
     supervisor: WorkerSupervisor
     queue: RequestQueue
     tokenizer: ChatTokenizer
-    # Tokenizing and template rendering run here, off the event loop, one at a time.
+    # Tokenizing and template rendering run here, off the event loop. A `tokenizers` encode
+    # releases the GIL, so with a few threads a short prompt does not wait for a long one.
     tokenizer_thread: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+        default_factory=lambda: ThreadPoolExecutor(max_workers=TOKENIZER_THREADS, thread_name_prefix="tokenizer")
     )
     background: set[asyncio.Task[Any]] = field(default_factory=set)
 
@@ -80,6 +84,19 @@ class ServedModel:
     async def in_tokenizer_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.tokenizer_thread, functools.partial(fn, *args, **kwargs))
+
+    async def tokenize(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, cancelled=event, **kwargs)` on a tokenizer thread; the event is set when the caller is cancelled.
+
+        A client that leaves cancels its handler: the tokenizing then stops at the
+        next piece (`TokenizationCancelled`, which nobody awaits any more).
+        """
+        cancelled = threading.Event()
+        try:
+            return await self.in_tokenizer_thread(fn, *args, cancelled=cancelled, **kwargs)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run `coro` in the background, kept referenced until it ends."""
