@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 from typing import ClassVar, Optional
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 # Split points (structural boundaries the proxy finds inside long messages) are sent for the last
 # this many tokens of a prompt, at most MAX_SPLIT_POINTS of them: the worker's ladder of checkpoints
@@ -222,6 +222,9 @@ class Generate(Message):
     split_points: list[int] = field(default_factory=list)  # line / paragraph / sentence starts near the end
     split_kinds: list[int] = field(default_factory=list)  # a SplitKind per split point
     progress_every: int = 0  # send Progress every N prefilled tokens (0: never)
+    # The cache namespace: prefixes are stored and restored only inside one. A digest the proxy
+    # derives from the client's API key and cache_salt (never the key itself); "" is the shared one.
+    namespace: str = ""
 
 
 @dataclass(frozen=True)

@@ -183,35 +183,49 @@ class Engine:
         if sampling.max_tokens < 0:
             raise ValueError("max_tokens must be >= 0")
 
-    def restore_point(self, prompt: list[int]) -> int:
+    def restore_point(self, prompt: list[int], namespace: str = "") -> int:
         """How deep the pool would restore `prompt` now (a look, nothing checked out)."""
-        return self.pool.plan(prompt).restore_point if self.pool is not None else 0
+        return self.pool.plan(prompt, namespace=namespace).restore_point if self.pool is not None else 0
 
     def acquire(
-        self, prompt: list[int], hints: list[int], max_tokens: int, extra_bytes: int = 0, splits: list[tuple[int, int]] = ()
+        self,
+        prompt: list[int],
+        hints: list[int],
+        max_tokens: int,
+        extra_bytes: int = 0,
+        splits: list[tuple[int, int]] = (),
+        namespace: str = "",
     ) -> Lease:
         """A lease for `prompt` if it fits beside `extra_bytes` more (the running batch); else InsufficientMemory."""
         if self.pool is None:
             cold = RestorePlan(prompt)
             self._guard_memory(cold, max_tokens, extra_bytes)
             return Lease(self.model.make_cache(), None, cold)
-        plan = self.pool.plan(prompt, hints, splits)
+        plan = self.pool.plan(prompt, hints, splits, namespace)
         if not self._fits(plan, max_tokens, extra_bytes):
             # Give back pool memory, oldest first, then plan again on what is left.
             excess = mx.get_active_memory() + self._need(plan, max_tokens) + extra_bytes - self.memory_limit
             self.pool.evict_to(max(0, self.pool.nbytes - excess))
             mx.clear_cache()
-            plan = self.pool.plan(prompt, hints, splits)
+            plan = self.pool.plan(prompt, hints, splits, namespace)
             self._guard_memory(plan, max_tokens, extra_bytes)
         return self._from_disk(plan, hints, splits) or self.pool.checkout(plan)
 
     def acquire_forked(
-        self, prompt, hints, max_tokens, extra_bytes, cache, checkpoint: Checkpoint, splits: list[tuple[int, int]] = ()
+        self,
+        prompt,
+        hints,
+        max_tokens,
+        extra_bytes,
+        cache,
+        checkpoint: Checkpoint,
+        splits: list[tuple[int, int]] = (),
+        namespace: str = "",
     ) -> Lease:
-        """A lease over `cache`, forked from a running request's prefix at `checkpoint.position`."""
-        plan = self.pool.plan_restored(prompt, hints, checkpoint, splits)
+        """A lease over `cache`, forked from a running request's prefix (same namespace) at `checkpoint.position`."""
+        plan = self.pool.plan_restored(prompt, hints, checkpoint, splits, namespace)
         self._guard_memory(plan, max_tokens, extra_bytes + checkpoint.position * self.layout.kv_bytes_per_token)
-        return self.pool.lease_restored(prompt, hints, cache, checkpoint, splits)
+        return self.pool.lease_restored(prompt, hints, cache, checkpoint, splits, namespace)
 
     def checkpoint(self, cache, position: int, kind: RestoreKind, logits) -> TakenCheckpoint:
         snapshot = self.ops.snapshot(cache, position) if self.ops.needs_snapshots else None
@@ -273,7 +287,7 @@ class Engine:
             return None
         cache, logits, snapshot = loaded
         checkpoint = Checkpoint(hit.position, RestoreKind(hit.kind), snapshot, logits, logits.nbytes if logits is not None else 0)
-        lease = self.pool.lease_restored(plan.prompt, hints, cache, checkpoint, splits)
+        lease = self.pool.lease_restored(plan.prompt, hints, cache, checkpoint, splits, plan.namespace)
         lease.from_disk = True
         return lease
 

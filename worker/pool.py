@@ -80,6 +80,7 @@ class Sequence:
     hits: int = 0  # times taken over
     mark: Node | None = None  # the node marking its prompt end (for in-place lookups), or an ancestor after a split
     anchors: list[Checkpoint] = field(default_factory=list)  # checkpoints that leave only with it (_anchor)
+    namespace: str = ""  # its cache namespace: only prompts of the same one restore from it
 
 
 @dataclass
@@ -96,6 +97,7 @@ class RestorePlan:
     match_length: int = 0  # tokens shared with the deepest stored path
     checkpoints_to_take: dict[int, RestoreKind] = field(default_factory=dict)
     hints: tuple[int, ...] = ()  # the message ends the proxy sent
+    namespace: str = ""  # looked up, and stored, in this cache namespace only
 
     @property
     def logits(self) -> Any:
@@ -185,9 +187,11 @@ class CheckpointPool:
             stride *= 2
         return stride
 
-    def plan(self, prompt: list[int], hints: Iterable[int] = (), splits: Iterable[tuple[int, int]] = ()) -> RestorePlan:
-        match = self.trie.match(prompt)
-        plan = RestorePlan(prompt, match=match, match_length=match.length)
+    def plan(
+        self, prompt: list[int], hints: Iterable[int] = (), splits: Iterable[tuple[int, int]] = (), namespace: str = ""
+    ) -> RestorePlan:
+        match = self.trie.match(prompt, namespace)
+        plan = RestorePlan(prompt, match=match, match_length=match.length, namespace=namespace)
         self._choose_restore_point(plan, match)
         if not self._continue_at_an_end(plan, match) and plan.restore_point > 0:
             self._choose_source(plan, match)
@@ -288,10 +292,15 @@ class CheckpointPool:
         return None
 
     def plan_restored(
-        self, prompt: list[int], hints: Iterable[int], checkpoint: Checkpoint, splits: Iterable[tuple[int, int]] = ()
+        self,
+        prompt: list[int],
+        hints: Iterable[int],
+        checkpoint: Checkpoint,
+        splits: Iterable[tuple[int, int]] = (),
+        namespace: str = "",
     ) -> RestorePlan:
         """A plan for a cache restored elsewhere (the disk tier) at `checkpoint.position`."""
-        plan = RestorePlan(prompt, checkpoint.position, checkpoint.kind, None, False, checkpoint)
+        plan = RestorePlan(prompt, checkpoint.position, checkpoint.kind, None, False, checkpoint, namespace=namespace)
         plan.match_length = checkpoint.position
         plan.hints = tuple(sorted(hints))
         plan.checkpoints_to_take = self._checkpoints_to_take(plan, plan.hints, splits)
@@ -317,15 +326,23 @@ class CheckpointPool:
 
     # ------------------------------------------------------------- leases
 
-    def lease(self, prompt: list[int], hints: Iterable[int] = (), splits: Iterable[tuple[int, int]] = ()) -> Lease:
+    def lease(
+        self, prompt: list[int], hints: Iterable[int] = (), splits: Iterable[tuple[int, int]] = (), namespace: str = ""
+    ) -> Lease:
         """Plan and check out in one step: the cache restored to the deepest usable point, pinned."""
-        return self.checkout(self.plan(prompt, hints, splits))
+        return self.checkout(self.plan(prompt, hints, splits, namespace))
 
     def lease_restored(
-        self, prompt: list[int], hints: Iterable[int], cache: Any, checkpoint: Checkpoint, splits: Iterable[tuple[int, int]] = ()
+        self,
+        prompt: list[int],
+        hints: Iterable[int],
+        cache: Any,
+        checkpoint: Checkpoint,
+        splits: Iterable[tuple[int, int]] = (),
+        namespace: str = "",
     ) -> Lease:
         """A lease over a cache restored elsewhere (the disk tier, a running request's prefix)."""
-        lease = Lease(cache, None, self.plan_restored(prompt, hints, checkpoint, splits))
+        lease = Lease(cache, None, self.plan_restored(prompt, hints, checkpoint, splits, namespace))
         self._leases.append(lease)
         return lease
 
@@ -376,7 +393,7 @@ class CheckpointPool:
         tick = next(self._clock)
         seq = lease.sequence
         if seq is None:
-            seq = Sequence(next(self._keys), [], lease.cache, prompt_end)
+            seq = Sequence(next(self._keys), [], lease.cache, prompt_end, namespace=lease.plan.namespace)
             self.sequences[seq.key] = seq
         seq.cache, seq.prompt_end, seq.last_used = lease.cache, prompt_end, tick
         seq.prefix_only = seq.compacted = False
@@ -755,7 +772,7 @@ class CheckpointPool:
         seq.prompt_end = min(seq.prompt_end, position)
         self._set_nbytes(seq, self.ops.nbytes(seq.cache))
         seq.prefix_only = seq.compacted = True
-        self._move_to(seq, self.trie.insert(seq.tokens))
+        self._move_to(seq, self.trie.insert(seq.tokens, seq.namespace))
         self._anchor(seq)
         self._index.file(seq)
 
@@ -778,7 +795,7 @@ class CheckpointPool:
 
     def _move(self, seq: Sequence, tokens: list[int]) -> None:
         seq.tokens = tokens
-        self._move_to(seq, self.trie.insert(tokens))
+        self._move_to(seq, self.trie.insert(tokens, seq.namespace))
 
     def _move_to(self, seq: Sequence, node: Node) -> None:
         """Re-attach `seq` at `node`, attaching first so the shared path survives pruning."""

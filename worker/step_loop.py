@@ -99,6 +99,10 @@ class Running:
         return self.request.request_id
 
     @property
+    def namespace(self) -> str:
+        return self.request.namespace
+
+    @property
     def splits(self) -> list[tuple[int, int]]:
         """(position, SplitKind) of the split points the proxy sent (a line start when it sent no kinds)."""
         kinds = self.request.split_kinds or [SplitKind.LINE] * len(self.request.split_points)
@@ -205,10 +209,12 @@ class StepLoop:
         """A running request to fork `r` from: (donor, position, snapshot), "wait", or None."""
         if not self.engine.cache_enabled or not (self.prefilling or self.decoding):
             return None
-        floor = self.engine.restore_point(r.prompt)
+        floor = self.engine.restore_point(r.prompt, r.namespace)
         best = None
         wait_for = None
         for other in [*self.prefilling, *self.decoding.values()]:
+            if other.namespace != r.namespace:
+                continue  # prefixes are shared only inside a cache namespace
             shared = min(common_prefix_length(r.prompt, other.prompt), len(r.prompt) - 1)
             if shared <= floor:
                 continue
@@ -245,7 +251,7 @@ class StepLoop:
         extra = self._batch_growth_bytes(r)
         if donor is None:
             return self.engine.acquire(
-                r.prompt, r.request.checkpoint_hints, r.request.sampling.max_tokens, extra, r.splits
+                r.prompt, r.request.checkpoint_hints, r.request.sampling.max_tokens, extra, r.splits, r.namespace
             )
         other, depth, snapshot = donor
         source = other.lease.cache if other.phase is Phase.PREFILLING else self.batch.view(other.rid)
@@ -253,7 +259,7 @@ class StepLoop:
         checkpoint = Checkpoint(depth, RestoreKind.FORK, snapshot)
         return self.engine.acquire_forked(
             r.prompt, r.request.checkpoint_hints, r.request.sampling.max_tokens, extra, cache, checkpoint,
-            r.splits,
+            r.splits, r.namespace,
         )
 
     def _batch_growth_bytes(self, r: Running) -> int:

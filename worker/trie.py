@@ -28,13 +28,14 @@ def common_prefix_length(a: list[int], b: list[int], start: int = 0) -> int:
 
 
 class Node:
-    __slots__ = ("parent", "edge", "depth", "children", "checkpoints", "entries", "entry_count", "marks")
+    __slots__ = ("parent", "edge", "depth", "children", "checkpoints", "entries", "entry_count", "marks", "namespace")
 
-    def __init__(self, parent: Node | None, edge: list[int], depth: int):
+    def __init__(self, parent: Node | None, edge: list[int], depth: int, namespace: str = ""):
         self.parent = parent
         self.edge = edge
         self.depth = depth
-        self.children: dict[int, Node] = {}
+        self.namespace = namespace  # the cache namespace of every path through this node ("" below the root: shared)
+        self.children: dict[Any, Node] = {}  # first token of the child's edge (under the root: with its namespace)
         self.checkpoints: dict[int, Any] = {}  # depth -> value
         self.entries: set[Any] = set()  # keys of stored sequences ending at self.depth
         self.entry_count = 0  # entries here and below: kept up to date, so no query walks a subtree
@@ -83,15 +84,25 @@ class Match:
 
 
 class TokenTrie:
+    """Token paths, in namespaces: the root's children are keyed by (namespace, first token), so paths
+    of different namespaces never share a node, while every depth is still a token position.
+    The default namespace "" keys by the token alone."""
+
     def __init__(self) -> None:
         self.root = Node(None, [], 0)
 
+    def _key(self, parent: Node, token: int, namespace: str) -> Any:
+        return (namespace, token) if namespace and parent is self.root else token
+
+    def _child_key(self, node: Node) -> Any:
+        return self._key(node.parent, node.edge[0], node.namespace)
+
     # ------------------------------------------------------------- lookup
 
-    def match(self, tokens: list[int]) -> Match:
+    def match(self, tokens: list[int], namespace: str = "") -> Match:
         node, pos, path = self.root, 0, []
         while pos < len(tokens):
-            child = node.children.get(tokens[pos])
+            child = node.children.get(self._key(node, tokens[pos], namespace))
             if child is None:
                 break
             path.append(child)
@@ -104,14 +115,15 @@ class TokenTrie:
 
     # ------------------------------------------------------------- insertion
 
-    def insert(self, tokens: list[int]) -> Node:
+    def insert(self, tokens: list[int], namespace: str = "") -> Node:
         """Make the path for `tokens` exist; return the node ending exactly at len(tokens)."""
         node, pos = self.root, 0
         while pos < len(tokens):
-            child = node.children.get(tokens[pos])
+            key = self._key(node, tokens[pos], namespace)
+            child = node.children.get(key)
             if child is None:
-                leaf = Node(node, list(tokens[pos:]), len(tokens))
-                node.children[tokens[pos]] = leaf
+                leaf = Node(node, list(tokens[pos:]), len(tokens), namespace)
+                node.children[key] = leaf
                 return leaf
             end = common_prefix_length(child.edge, tokens[pos : pos + len(child.edge)])
             if end < len(child.edge):
@@ -123,9 +135,9 @@ class TokenTrie:
     def _split(self, node: Node, depth: int) -> Node:
         """Split `node` so that a new node ends at `depth`; return that upper node."""
         cut = depth - node.start
-        upper = Node(node.parent, node.edge[:cut], depth)
+        upper = Node(node.parent, node.edge[:cut], depth, node.namespace)
         upper.entry_count = node.entry_count
-        node.parent.children[upper.edge[0]] = upper
+        node.parent.children[self._child_key(upper)] = upper
         node.edge = node.edge[cut:]
         node.parent = upper
         upper.children[node.edge[0]] = node
@@ -150,8 +162,8 @@ class TokenTrie:
         node = match.node_at(depth)
         return node if node.depth == depth else self._split(node, depth)
 
-    def attach_entry(self, tokens: list[int], key: Any) -> Node:
-        node = self.insert(tokens)
+    def attach_entry(self, tokens: list[int], key: Any, namespace: str = "") -> Node:
+        node = self.insert(tokens, namespace)
         self.attach_entry_at(node, key)
         return node
 
@@ -166,9 +178,9 @@ class TokenTrie:
             node.entry_count += delta
             node = node.parent
 
-    def add_checkpoint(self, tokens: list[int], depth: int, value: Any) -> Node:
+    def add_checkpoint(self, tokens: list[int], depth: int, value: Any, namespace: str = "") -> Node:
         """Attach a checkpoint at `depth` on the path of `tokens` (which must exist up to depth)."""
-        node = self.insert(tokens[:depth])
+        node = self.insert(tokens[:depth], namespace)
         node.checkpoints[depth] = value
         return node
 
@@ -186,7 +198,7 @@ class TokenTrie:
         while node is not self.root and not node.entries and not node.children:
             dropped.extend(node.checkpoints.values())
             parent = node.parent
-            del parent.children[node.edge[0]]
+            del parent.children[self._child_key(node)]
             node.parent = None
             node = parent
         return dropped

@@ -9,9 +9,9 @@ from worker.placement import LADDER_OFFSETS, MIN_RUNG_GAP
 from worker.pool import CheckpointPool, TakenCheckpoint
 
 
-def run(pool, prompt, generated=(), hints=(), logits="L"):
+def run(pool, prompt, generated=(), hints=(), logits="L", namespace=""):
     """Play one request against the pool the way the engine does; returns the plan."""
-    plan = pool.plan(prompt, hints)
+    plan = pool.plan(prompt, hints, namespace=namespace)
     lease = pool.checkout(plan)
     assert len(lease.cache) == plan.restore_point
     taken = []
@@ -424,3 +424,22 @@ def test_eviction_structure_stays_consistent_under_random_operations():
         assert pool.nbytes <= pool.capacity_bytes
 
     scenario()
+
+
+def test_prefixes_are_shared_only_inside_a_namespace():
+    for needs_snapshots in (True, False):
+        pool = make_pool(needs_snapshots)
+        secret = SYSTEM + [5, 6, 7, 8]
+        run(pool, secret, generated=[1, 2], namespace="a" * 32)
+        # Another namespace sees nothing of it, not even the shared first tokens.
+        assert pool.plan(secret, namespace="b" * 32).match_length == 0
+        assert pool.plan(secret).match_length == 0  # nor the default one
+        plan = run(pool, SYSTEM + [9, 9], namespace="b" * 32)
+        assert plan.restore_point == 0 and plan.source is None
+        # Inside its own namespace it restores as ever, and the other's copy stays its own.
+        assert pool.plan(secret + [1, 2, 3], namespace="a" * 32).restore_point >= len(secret)
+        assert pool.plan(SYSTEM + [9, 9, 4], namespace="b" * 32).restore_point > 0
+        assert pool.plan(SYSTEM + [9, 9, 4], namespace="a" * 32).restore_point <= len(SYSTEM)
+        assert {s.namespace for s in pool.sequences.values()} == {"a" * 32, "b" * 32}
+        pool.evict_to(0)
+        assert pool.nbytes == 0 and not pool.trie.root.children  # eviction prunes every namespace's paths

@@ -67,3 +67,19 @@ def test_entries_under_lists_the_subtree():
     trie.attach_entry([5], "other")
     node = trie.match([1, 2]).node_at(2)
     assert sorted(k for _, k in trie.entries_under(node)) == ["long", "short"]
+
+
+def test_namespaces_never_share_a_node():
+    trie = TokenTrie()
+    trie.attach_entry([1, 2, 3], "a", namespace="x")
+    trie.attach_entry([1, 2, 4], "b", namespace="y")
+    trie.attach_entry([1, 2, 5], "c")
+    assert trie.match([1, 2, 3], "x").length == 3
+    assert trie.match([1, 2, 3], "y").length == 2  # its own [1, 2, 4]
+    assert trie.match([1, 2, 3]).length == 2
+    assert trie.match([1, 2, 4], "x").length == 2
+    node = trie.insert([1, 2, 3], "x")
+    assert node.namespace == "x" and all(n.namespace == "x" for n in trie.path_to(node))
+    trie.detach_entry(node, "a")
+    assert trie.match([1, 2, 3], "x").length == 0  # pruned up to the root
+    assert trie.match([1, 2, 4], "y").length == 3
