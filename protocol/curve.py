@@ -85,7 +85,7 @@ def load_public_key(path: str) -> bytes:
 
 def load_allowed_keys(path: str) -> set[bytes]:
     """The public keys in a `.key` file, or in every `.key` file of a directory."""
-    location = Path(path)
+    location = Path(path).expanduser()
     if location.is_dir():
         files = sorted(location.glob(f"*{PUBLIC_SUFFIX}"))
         if not files:
@@ -96,7 +96,7 @@ def load_allowed_keys(path: str) -> set[bytes]:
 
 def _load(path: str) -> tuple[bytes, Optional[bytes]]:
     try:
-        public, secret = zmq.auth.load_certificate(path)
+        public, secret = zmq.auth.load_certificate(os.path.expanduser(path))
     except (OSError, ValueError) as exc:
         raise KeyFileError(f"cannot read the CURVE key {path}: {exc}") from exc
     if public is None or len(public) != 40:
