@@ -14,6 +14,7 @@ commands:
   serve        run the OpenAI-compatible proxy and its workers
   worker       run one MLX worker process (normally started by `serve`)
   make-model   write a tiny real mlx-lm model directory (random weights)
+  keys         write CURVE key pairs for a secure link to a remote worker
 """
 
 
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         from worker.main import main as run
     elif command == "make-model":
         from worker.tiny_models import main as run
+    elif command == "keys":
+        from protocol.curve import keys_main as run
     else:
         print(f"mlx-cache-proxy: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

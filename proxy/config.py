@@ -9,7 +9,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from protocol.curve import ClientKeys
 
 DEFAULT_MODEL_ID = "default"
 # mlx_lm.server's name for "the model given on the command line".
@@ -26,6 +29,7 @@ class ModelSpec:
     path: Optional[Path]  # local model directory: tokenizer, and a local worker's --model
     endpoint: Optional[str] = None  # a worker already running elsewhere; None: start one
     aliases: tuple[str, ...] = ()
+    link_keys: Optional["ClientKeys"] = None  # CURVE to a remote worker: our key pair and its public key
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class WorkerOptions:
     max_batch: Optional[int] = None  # requests a local worker runs at once; None: the worker's default
     heartbeat_interval: float = 1.0  # asked of local workers; the proxy pings at this pace too
     heartbeat_timeout: float = 60.0  # silence after which a worker counts as dead
+    unresponsive_after: float = 5.0  # silence after which /health says not ready (the worker is not killed)
     start_timeout: float = 600.0  # model load + handshake
     stop_timeout: float = 10.0  # Shutdown -> exit, before SIGTERM
     abort_timeout: float = 30.0  # Abort -> the worker's last message for that request

@@ -107,6 +107,12 @@ class WorkerUnavailable(ApiError):
     code = "worker_unavailable"
 
 
+class WorkerLinkRefused(WorkerUnavailable):
+    """The worker's link refuses this proxy (CURVE keys that do not match): waiting will not help."""
+
+    code = "worker_link_refused"
+
+
 class ShuttingDown(ApiError):
     status = 503
     type = "server_error"

@@ -119,6 +119,11 @@ OPTIONS: tuple[Option, ...] = (
            "none: the built-in tiny model, as 'default'", "PATH_OR_HF_ID", repeat=True),
     Option("worker", _str, [], "a worker already running elsewhere, serving model NAME (repeatable)",
            "NAME=ENDPOINT", repeat=True),
+    Option("worker_public_key", _str, [], "the CURVE public key file (worker.key from `mlx-cache-proxy keys`) "
+           "of the --worker serving NAME: the link is encrypted and only that worker is trusted (repeatable)",
+           "NAME=FILE", repeat=True),
+    Option("curve_secret_key", _str, "", "this proxy's CURVE key pair (proxy.key_secret), used with "
+           "--worker-public-key; workers admit its public half (proxy.key)", "FILE"),
     Option("host", _str, "127.0.0.1", "address to listen on"),
     Option("port", _int(0), 8080, "port to listen on"),
     Option("max_queue", _int(0), 32, "requests that may wait per worker; more get 429", "N"),
@@ -144,6 +149,8 @@ OPTIONS: tuple[Option, ...] = (
            "SECONDS"),
     Option("heartbeat_timeout", _float(2.0), 60.0, "a worker silent this long counts as dead "
            "(workers beat every second)", "SECONDS"),
+    Option("unresponsive_after", _float(0.5), 5.0, "a worker silent this long makes /health 503 (not ready) "
+           "until it answers again; --heartbeat-timeout decides when it counts as dead", "SECONDS"),
     Option("worker_start_timeout", _float(1), 600.0, "model load + handshake limit", "SECONDS"),
     Option("keepalive_interval", _float(0.01), 5.0, "SSE keep-alive comment interval while a stream waits",
            "SECONDS"),

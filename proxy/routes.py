@@ -1,4 +1,10 @@
-"""HTTP handlers: /v1/chat/completions, /v1/completions, /v1/models, /health.
+"""HTTP handlers: /v1/chat/completions, /v1/completions, /v1/models, /health, /health/live.
+
+`/health` is readiness: 200 only while every worker is up and has been heard
+from within `unresponsive_after` seconds (its IO thread answers Ping apart from
+the model, so a few seconds' silence means a stopped or hung process), else 503
+naming the worker and why; the worker is not restarted for that (the heartbeat
+timeout decides its death). `/health/live` is liveness: 200 while the proxy runs.
 
 A generating handler reads the body, finds the model (or forwards to the
 upstream), validates, tokenizes off the event loop, then runs a `Generation`
@@ -16,6 +22,7 @@ from typing import Any, Awaitable, Callable, Optional
 from aiohttp import web
 
 from proxy import openai_api as api
+from proxy.config import WorkerOptions
 from proxy.errors import (
     ApiError,
     InvalidRequest,
@@ -60,10 +67,20 @@ async def get_model(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
     accepting = request.app[LIFECYCLE].accepting
-    workers = [_worker_health(served) for served in registry.models]
-    healthy = accepting and all(w["alive"] for w in workers)
-    body = {"status": "ok" if healthy else ("shutting_down" if not accepting else "degraded"), "workers": workers}
+    unresponsive_after = request.app[CONFIG].worker.unresponsive_after
+    workers = [_worker_health(served, unresponsive_after) for served in registry.models]
+    healthy = accepting and all(w["ready"] for w in workers)
+    body: dict[str, Any] = {
+        "status": "ok" if healthy else ("shutting_down" if not accepting else "degraded"),
+        "problems": [f"{w['model']}: {w['problem']}" for w in workers if w["problem"]],
+        "workers": workers,
+    }
     return web.json_response(body, status=200 if healthy else 503)
+
+
+async def health_live(request: web.Request) -> web.Response:
+    """Liveness: the proxy's event loop answers; says nothing about the workers."""
+    return web.json_response({"status": "alive"})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -220,19 +237,36 @@ def _check_prompt(served: ServedModel, tokens: list[int]) -> None:
 # ----------------------------------------------------------------- health
 
 
-def _worker_health(served: ServedModel) -> dict[str, Any]:
+def _readiness(served: ServedModel, silence: float, unresponsive_after: float) -> Optional[str]:
+    """Why this worker should not get traffic now, or None."""
+    client = served.client
+    if not client.alive:
+        refused = served.supervisor.link_refused
+        return f"down: {refused or client.failure or 'not connected'}"
+    if silence > unresponsive_after:
+        return f"not answering: no message for {silence:.1f}s (stopped or hung?)"
+    return None
+
+
+def _worker_health(
+    served: ServedModel, unresponsive_after: float = WorkerOptions.unresponsive_after
+) -> dict[str, Any]:
     client = served.client
     hello, stats = client.hello, client.stats
     memory = stats.memory if stats else (hello.memory if hello else None)
+    silence = time.monotonic() - client.last_seen
+    problem = _readiness(served, silence, unresponsive_after)
     out: dict[str, Any] = {
         "model": served.model_id,
         "endpoint": client.endpoint,
         "alive": client.alive,
+        "ready": problem is None,
+        "problem": problem,
         "failure": client.failure,
         "pid": hello.pid if hello else (served.process.pid if served.process else None),
         "local": served.process is not None,
         "queue": {"waiting": served.queue.waiting, "running": served.queue.running_count, "max_waiting": served.queue.max_waiting},
-        "seconds_since_heartbeat": round(time.monotonic() - client.last_seen, 3),
+        "seconds_since_heartbeat": round(silence, 3),
         "running_requests": list(stats.running_requests) if stats else [],
         "restarts": served.restarts,
     }
@@ -276,4 +310,5 @@ def add_routes(app: web.Application) -> None:
         app.router.add_get(f"{prefix}/models", list_models)
         app.router.add_get(f"{prefix}/models/{{model:.+}}", get_model)
         app.router.add_get(f"{prefix}/health", health)
+        app.router.add_get(f"{prefix}/health/live", health_live)
     app.router.add_get("/metrics", metrics)

@@ -7,6 +7,7 @@ app's: stop listening, let running requests finish (bounded by
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from typing import Optional
@@ -49,8 +50,42 @@ def model_specs(models: list[str], workers: list[str]) -> tuple[ModelSpec, ...]:
         raise ValueError(f"model names given twice: {', '.join(duplicates)}")
     first = specs[0]
     if DEFAULT_MODEL_ALIAS not in names:
-        specs[0] = ModelSpec(first.model_id, first.path, first.endpoint, (*first.aliases, DEFAULT_MODEL_ALIAS))
+        specs[0] = dataclasses.replace(first, aliases=(*first.aliases, DEFAULT_MODEL_ALIAS))
     return tuple(specs)
+
+
+def with_link_keys(specs: tuple[ModelSpec, ...], public_keys: list[str], secret_key: str) -> tuple[ModelSpec, ...]:
+    """Attach CURVE keys to the --worker specs named by --worker-public-key NAME=FILE.
+
+    A non-loopback tcp:// worker without keys is refused: its link would be open to anyone on the way.
+    """
+    from protocol.curve import ClientKeys, is_loopback_endpoint, load_public_key, load_secret_key
+
+    by_name = {s.model_id: s for s in specs}
+    server_keys: dict[str, bytes] = {}
+    for item in public_keys:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--worker-public-key {item!r}: expected NAME=FILE")
+        if name not in by_name or by_name[name].endpoint is None:
+            raise ValueError(f"--worker-public-key {item!r}: no --worker {name}=... is given")
+        server_keys[name] = load_public_key(path)
+    if server_keys and not secret_key:
+        raise ValueError("--worker-public-key needs --curve-secret-key (this proxy's proxy.key_secret)")
+    if secret_key and not server_keys:
+        raise ValueError("--curve-secret-key is given but no --worker-public-key names a worker to use it with")
+    own = load_secret_key(secret_key) if secret_key else None
+    out = []
+    for spec in specs:
+        if spec.model_id in server_keys and own is not None:
+            spec = dataclasses.replace(spec, link_keys=ClientKeys(own[0], own[1], server_keys[spec.model_id]))
+        elif spec.endpoint is not None and not is_loopback_endpoint(spec.endpoint):
+            raise ValueError(
+                f"--worker {spec.model_id}={spec.endpoint} is not on this machine: give --worker-public-key "
+                f"{spec.model_id}=worker.key and --curve-secret-key proxy.key_secret (see `mlx-cache-proxy keys`)"
+            )
+        out.append(spec)
+    return tuple(out)
 
 
 def config_from_options(values: dict) -> ProxyConfig:
@@ -59,7 +94,9 @@ def config_from_options(values: dict) -> ProxyConfig:
         values["cache_dir"] or default_cache_dir()
     )
     return ProxyConfig(
-        models=model_specs(values["model"], values["worker"]),
+        models=with_link_keys(
+            model_specs(values["model"], values["worker"]), values["worker_public_key"], values["curve_secret_key"]
+        ),
         host=values["host"],
         port=values["port"],
         max_queue=values["max_queue"],
@@ -71,6 +108,7 @@ def config_from_options(values: dict) -> ProxyConfig:
             prefill_step=values["prefill_step"],
             max_batch=values["max_batch"],
             heartbeat_timeout=values["heartbeat_timeout"],
+            unresponsive_after=values["unresponsive_after"],
             start_timeout=values["worker_start_timeout"],
             cache_dir=cache_dir,
             disk_cache_bytes=values["disk_cache_bytes"],

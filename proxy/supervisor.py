@@ -10,7 +10,9 @@ supervisor handshakes again until it answers. Requests queued meanwhile wait
 (up to `unavailable_timeout`, then 503) and run on the new worker. After every
 handshake the queue is told how many requests the worker runs at once (its
 Hello's `max_batch`): a local worker was asked with --max-batch, a remote one
-decides for itself.
+decides for itself. A remote worker whose link refuses us (CURVE keys that do
+not match) is tried again the same way, but meanwhile requests get a 503
+`worker_link_refused` at once: waiting would not mend the keys.
 
 The socket side (handshake, frames, heartbeats) is `proxy.worker_client`.
 """
@@ -32,9 +34,10 @@ import zmq.asyncio
 
 from protocol.messages import Hello
 from proxy.config import ModelSpec, WorkerOptions
+from proxy.errors import WorkerLinkRefused as LinkRefusedError
 from proxy.errors import WorkerUnavailable
 from proxy.request_queue import RequestQueue
-from proxy.worker_client import WorkerClient, WorkerStartError
+from proxy.worker_client import WorkerClient, WorkerLinkRefused, WorkerStartError
 
 log = logging.getLogger("mlx_cache_proxy")
 
@@ -202,6 +205,7 @@ class WorkerSupervisor:
         self._backoff = Backoff(options.restart_backoff, options.restart_backoff_max)
         self._recovery: Optional[asyncio.Task[None]] = None
         self._stopping = False  # shutting down: no more restarts
+        self.link_refused: Optional[str] = None  # why the last attempt's link was refused, until one succeeds
 
     @property
     def local(self) -> bool:
@@ -250,6 +254,8 @@ class WorkerSupervisor:
         if self.state is WorkerState.UP:
             return
         reason = self.client.failure if self.client is not None else "not started"
+        if self.state is WorkerState.DOWN and self.link_refused is not None:
+            raise self._link_refused_error()
         if self.state is WorkerState.DOWN and not self._stopping:
             down_for = time.monotonic() - (self.down_since or time.monotonic())
             if down_for < self.options.unavailable_timeout:
@@ -308,6 +314,11 @@ class WorkerSupervisor:
             await asyncio.sleep(delay)
             try:
                 client = await self._bring_up(restart=True)
+            except WorkerLinkRefused as exc:
+                log.error("worker for %s did not come back: %s", self.name, exc)
+                self.link_refused = str(exc)
+                self.queue.fail_waiting(self._link_refused_error)
+                continue
             except (WorkerStartError, OSError) as exc:
                 log.error("worker for %s did not come back: %s", self.name, exc)
                 continue
@@ -316,6 +327,7 @@ class WorkerSupervisor:
                 continue
             if not self.local:
                 self.restarts += 1
+            self.link_refused = None
             return client
 
     async def _expire_waiting(self) -> None:
@@ -329,6 +341,9 @@ class WorkerSupervisor:
                 failed = self.queue.fail_waiting(self._unavailable_error, entered_before=now - timeout)
                 if failed:
                     log.warning("%d request(s) waited %.0fs for the worker of %s: 503", failed, timeout, self.name)
+
+    def _link_refused_error(self) -> WorkerUnavailable:
+        return LinkRefusedError(f"the worker for {self.name} is unavailable: {self.link_refused}", retry_after=5)
 
     def _unavailable_error(self) -> WorkerUnavailable:
         reason = self.client.failure if self.client is not None else "not started"
@@ -354,6 +369,7 @@ class WorkerSupervisor:
             context=self.context,
             heartbeat_interval=options.heartbeat_interval,
             heartbeat_timeout=options.heartbeat_timeout,
+            keys=self.spec.link_keys,
         )
         client.on_failure = lambda reason, c=client: self._on_client_failure(c, reason)
         try:

@@ -12,6 +12,16 @@ every in-flight request with `WorkerUnavailable`, after telling `on_failure`
 
 One client is one incarnation of a worker: after a failure it is closed, and a
 restarted (or reconnected) worker gets a new client with a fresh socket.
+
+The link itself is watched too (a socket monitor). A worker admits one proxy at
+a time and drops, unanswered, frames from a connection that did not handshake;
+so a connection that drops after the handshake ends the session (whatever the
+socket reconnects to would ignore us), and the client fails after a short
+grace (a local worker's exit, noticed meanwhile, is the better reason). With
+`ClientKeys` the socket is a CURVE client; a security handshake that fails
+(wrong keys, or one side without CURVE) is a `WorkerLinkRefused`, at once, not
+a handshake timeout. Connect is repeated every second until Hello: a worker
+admits a new proxy once it sees the previous one's connection gone.
 """
 
 from __future__ import annotations
@@ -23,6 +33,9 @@ from typing import Awaitable, Callable, Optional, Union
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from protocol.curve import ClientKeys
 
 from protocol.codec import ProtocolError, decode, encode, frame_version
 from protocol.messages import (
@@ -49,6 +62,13 @@ log = logging.getLogger("mlx_cache_proxy")
 
 RequestMessage = Union[Progress, Tokens, Result]
 
+CONNECT_RESEND_S = 1.0
+DISCONNECT_GRACE_S = 1.0
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+_LINK_EVENTS = _HANDSHAKE_FAILED | zmq.EVENT_DISCONNECTED
+
 
 class WorkerStartError(RuntimeError):
     """The worker could not be brought up (it exited, timed out, or refused us)."""
@@ -56,6 +76,22 @@ class WorkerStartError(RuntimeError):
 
 class WorkerVersionMismatch(WorkerStartError):
     """The worker speaks another protocol version."""
+
+
+class WorkerLinkRefused(WorkerStartError):
+    """The connection's security handshake failed: the keys do not match, or one side has none."""
+
+
+def _refusal_reason(name: str, event: int, value: int) -> str:
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return (
+            f"the worker for {name} refused this proxy's CURVE key (status {value}): "
+            "is proxy.key among the worker's --curve-allowed-keys?"
+        )
+    return (
+        f"the security handshake with the worker for {name} failed: is --worker-public-key that worker's "
+        "worker.key, and do both sides use CURVE keys?"
+    )
 
 
 class RequestChannel:
@@ -100,6 +136,7 @@ class WorkerClient:
         heartbeat_interval: float,
         heartbeat_timeout: float,
         on_failure: Optional[Callable[[str], None]] = None,
+        keys: Optional[ClientKeys] = None,
     ) -> None:
         self.name = name
         self.on_failure = on_failure  # called once, when the worker first counts as dead
@@ -108,6 +145,9 @@ class WorkerClient:
         self._heartbeat_timeout = heartbeat_timeout
         self._socket = context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        if keys is not None:
+            keys.apply(self._socket)
+        self._monitor = self._socket.get_monitor_socket(_LINK_EVENTS)
         self._socket.connect(endpoint)
         self._channels: dict[str, RequestChannel] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -127,7 +167,9 @@ class WorkerClient:
         """Send Connect and wait for Hello; refuse another protocol version."""
         self._send(Connect())
         handshake = asyncio.ensure_future(self._await_hello())
-        waiters: set[asyncio.Future] = {handshake}
+        refusal = asyncio.ensure_future(self._await_refusal())
+        resend = asyncio.ensure_future(self._resend_connect())
+        waiters: set[asyncio.Future] = {handshake, refusal}
         exit_watch = asyncio.ensure_future(exited) if exited is not None else None
         if exit_watch is not None:
             waiters.add(exit_watch)
@@ -135,6 +177,8 @@ class WorkerClient:
             done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             if handshake in done:
                 hello = handshake.result()
+            elif refusal in done:
+                raise WorkerLinkRefused(refusal.result())
             elif exit_watch is not None and exit_watch in done:
                 raise WorkerStartError(
                     f"worker for {self.name} exited with code {exit_watch.result()} during start-up"
@@ -145,14 +189,47 @@ class WorkerClient:
                     f"within {timeout:.0f}s"
                 )
         finally:
-            handshake.cancel()  # never `exit_watch`: it is the supervisor's own task
+            for task in (handshake, refusal, resend):  # never `exit_watch`: it is the supervisor's own task
+                task.cancel()
         self.hello = hello
         self.last_seen = time.monotonic()
         self._tasks = [
             asyncio.create_task(self._read_loop(), name=f"worker-reader-{self.name}"),
             asyncio.create_task(self._watchdog(), name=f"worker-watchdog-{self.name}"),
+            asyncio.create_task(self._watch_link(), name=f"worker-link-{self.name}"),
         ]
         return hello
+
+    async def _resend_connect(self) -> None:
+        while True:
+            await asyncio.sleep(CONNECT_RESEND_S)
+            self._send(Connect())
+
+    async def _link_event(self) -> tuple[int, int]:
+        event = parse_monitor_message(await self._monitor.recv_multipart())
+        return event["event"], event["value"]
+
+    async def _await_refusal(self) -> str:
+        """The reason of the first failed security handshake (before Hello)."""
+        while True:
+            event, value = await self._link_event()
+            if event & _HANDSHAKE_FAILED:
+                return _refusal_reason(self.name, event, value)
+
+    async def _watch_link(self) -> None:
+        """After Hello: a dropped or refused connection ends this session."""
+        while True:
+            try:
+                event, value = await self._link_event()
+            except zmq.ZMQError:
+                return
+            if event & _HANDSHAKE_FAILED:
+                self.fail(_refusal_reason(self.name, event, value))
+                return
+            if event == zmq.EVENT_DISCONNECTED:
+                await asyncio.sleep(DISCONNECT_GRACE_S)
+                self.fail("the connection to the worker was lost")
+                return
 
     async def _await_hello(self) -> Hello:
         while True:
@@ -201,6 +278,8 @@ class WorkerClient:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._socket.disable_monitor()
+        self._monitor.close(linger=0)
         self._socket.close(linger=0)
 
     def fail(self, reason: str) -> None:

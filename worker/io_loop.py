@@ -5,6 +5,20 @@ Ping and the heartbeat itself, and hands model work (Generate, Evict, Shutdown)
 to the model thread through `inbox`. Whatever the model thread wants to send goes
 through an `Outbox`, whose pipe wakes the poll so tokens leave at once.
 
+One proxy at a time is the worker's peer: the first that completes the
+Connect/Hello handshake. Another Connect is refused (logged, not answered)
+while that peer's connection lasts. Whether it does is asked of the socket
+itself: with ROUTER_MANDATORY a send to a connection that has gone fails, so
+the heartbeat, and a probe at each refused Connect, notice a peer that left
+(ZMTP heartbeats close a connection whose far end went silent without closing
+it). A restarted proxy, which repeats its Connect, is admitted within a second.
+(ROUTER_NOTIFY would say so directly, but it is a draft option pyzmq's libzmq
+is built without.) Every other frame from a peer that did not
+complete the handshake is dropped unanswered (the log line is rate-limited):
+a stranger on the endpoint gets nothing, and can neither run, stop nor steal a
+request. With `ServerKeys` the socket is a CURVE server and only listed proxy
+keys get a connection at all.
+
 Abort is settled here, under the `RequestBook` lock: a queued request is taken
 out of the book and answered at once with an aborted Result (it never runs);
 a running one (several run at once) gets its abort event set and the model
@@ -49,6 +63,7 @@ from protocol.messages import (
     Stats,
     Timings,
 )
+from protocol.curve import ServerKeys, start_authenticator
 from worker.memory import memory_stats
 
 log = logging.getLogger("mlx_cache_proxy.worker")
@@ -58,6 +73,9 @@ PARENT_CHECK_S = 1.0
 # before the IO thread ends the process itself (a hung model must not leave an orphan).
 STOP_GRACE_S = 15.0
 SHUTDOWN_LINGER_MS = 2000
+# A peer whose connection answers no ZMTP ping this long is dropped (a machine gone without closing).
+PEER_TIMEOUT_S = 20.0
+DROPPED_LOG_INTERVAL_S = 10.0
 
 
 class StopFlag:
@@ -256,6 +274,33 @@ def aborted_while_queued(request: Generate, pool: PoolStats) -> Result:
     )
 
 
+class RateLimitedLog:
+    """A warning at most once per `interval` seconds, counting the ones left out (strangers may flood)."""
+
+    def __init__(self, interval: float = DROPPED_LOG_INTERVAL_S) -> None:
+        self.interval = interval
+        self._next = 0.0
+        self._unlogged = 0
+
+    def warning(self, text: str, *args: Any) -> None:
+        self._unlogged += 1
+        now = time.monotonic()
+        if now < self._next:
+            return
+        log.warning(text + " (%d such frame(s) since the last report)", *args, self._unlogged)
+        self._unlogged = 0
+        self._next = now + self.interval
+
+
+def _frame_kind(payload: bytes) -> Optional[str]:
+    """Best effort: the kind of a frame that did not decode (another version's Connect, say)."""
+    try:
+        kind = msgpack.unpackb(payload, raw=False)["kind"]
+        return kind if isinstance(kind, str) else None
+    except Exception:
+        return None
+
+
 def _request_id_of(payload: bytes) -> Optional[str]:
     """Best effort: the request id inside a frame that did not decode, so its request still ends."""
     try:
@@ -278,6 +323,7 @@ class IOLoop(threading.Thread):
         stop: StopFlag,
         heartbeat_s: float,
         parent_pid: Optional[int] = None,
+        keys: Optional[ServerKeys] = None,
     ) -> None:
         super().__init__(name="worker-io", daemon=True)
         self.endpoint = endpoint
@@ -287,6 +333,7 @@ class IOLoop(threading.Thread):
         self.stop = stop
         self.heartbeat_s = heartbeat_s
         self.parent = ParentWatch(parent_pid) if parent_pid else None
+        self.keys = keys
         # Written by the model thread (a reference swap), read here for Stats.
         self.pool_stats = PoolStats()
         self.bound = threading.Event()
@@ -299,16 +346,23 @@ class IOLoop(threading.Thread):
         self._stop_seen_at: Optional[float] = None
         self.stop_grace_s = STOP_GRACE_S  # the model thread extends it while it saves the pool to disk
         self._shutting_down = False  # after Shutdown nothing new is started
+        self._dropped = RateLimitedLog()
+        self._refused = RateLimitedLog()
 
     # ----------------------------------------------------------------- thread body
 
     def run(self) -> None:
         context = zmq.Context()
+        auth = None
         try:
+            if self.keys is not None:
+                auth = start_authenticator(context, self.keys)
             self._socket = self._bind(context)
         except BaseException as exc:
             self.bind_error = exc
             self.bound.set()
+            if auth is not None:
+                auth.stop()
             context.term()
             return
         self.bound.set()
@@ -321,6 +375,8 @@ class IOLoop(threading.Thread):
             self.stop.request("IO loop failed")
         finally:
             self._socket.close(linger=linger_ms)
+            if auth is not None:
+                auth.stop()
             context.term()
             if self.endpoint.startswith("ipc://"):
                 try:
@@ -334,6 +390,11 @@ class IOLoop(threading.Thread):
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished peer errors, not vanishes
         sock.setsockopt(zmq.SNDHWM, 0)  # never drop part of a token stream
+        # ZMTP pings: a connection whose far end stopped answering is closed, which frees the peer's place.
+        sock.setsockopt(zmq.HEARTBEAT_IVL, int(self.heartbeat_s * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(PEER_TIMEOUT_S * 1000))
+        if self.keys is not None:
+            self.keys.apply(sock)
         sock.bind(self.endpoint)
         return sock
 
@@ -389,26 +450,28 @@ class IOLoop(threading.Thread):
                 self._handle_frame(envelope, payload)
             except Exception as exc:
                 log.exception("failed to handle a message")
-                self._send(envelope, Error(ErrorCode.INTERNAL, f"worker IO error: {exc}", _request_id_of(payload)))
+                if envelope == self._peer:
+                    self._send(envelope, Error(ErrorCode.INTERNAL, f"worker IO error: {exc}", _request_id_of(payload)))
 
     def _handle_frame(self, envelope: list[bytes], payload: bytes) -> None:
         try:
             message = decode(payload)
         except ProtocolError as exc:
             version = frame_version(payload)
-            if version is not None and version != PROTOCOL_VERSION:
-                self._send(envelope, _version_mismatch(version))
+            if version is not None and version != PROTOCOL_VERSION and _frame_kind(payload) == "connect":
+                self._send(envelope, _version_mismatch(version))  # part of the handshake: say why
+            elif envelope != self._peer:
+                self._dropped.warning("dropped an undecodable frame from a peer that did not connect")
             else:
                 log.warning("undecodable message: %s", exc)
                 self._send(envelope, Error(ErrorCode.BAD_REQUEST, str(exc), _request_id_of(payload)))
             return
         if isinstance(message, Connect):
             self._on_connect(envelope, message)
+        elif envelope != self._peer:
+            self._dropped.warning("dropped %s from a peer that did not connect", message.KIND)
         elif isinstance(message, Ping):
             self._send(envelope, self._stats())
-        elif envelope != self._peer:
-            rid = getattr(message, "request_id", None)
-            self._send(envelope, Error(ErrorCode.BAD_REQUEST, f"{message.KIND} before Connect", rid))
         elif self.stop.requested:
             return  # stopping: nothing more is started or answered
         elif isinstance(message, Generate):
@@ -433,12 +496,36 @@ class IOLoop(threading.Thread):
             self._send(envelope, _version_mismatch(message.protocol_version))
             return
         if self._peer is not None and envelope != self._peer:
-            log.info("a new proxy connected; it replaces the previous one")
+            if self._peer_reachable():
+                self._refused.warning("refused a Connect: a proxy is connected already, and its connection is up")
+                return
+            self._on_peer_gone()
+        if self._peer is None:
+            log.info("a proxy connected")
         self._peer = envelope
         if self._hello is None:
-            self._waiting_for_hello.append(envelope)  # answered once the engine has loaded
+            if envelope not in self._waiting_for_hello:
+                self._waiting_for_hello.append(envelope)  # answered once the engine has loaded
         else:
             self._send(envelope, self._current_hello())
+
+    def _peer_reachable(self) -> bool:
+        """Is the peer's connection still there? (A send to a vanished one fails at once.)"""
+        try:
+            self._socket.send_multipart([*self._peer, encode(self._stats())], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            return exc.errno != zmq.EHOSTUNREACH
+        return True
+
+    def _on_peer_gone(self) -> None:
+        envelope, self._peer = self._peer, None
+        self._waiting_for_hello = [e for e in self._waiting_for_hello if e != envelope]
+        aborted = self.book.abort_all()  # nobody is left to read them; the next proxy gets the batch
+        running = self.book.running_ids()
+        log.info(
+            "the proxy disconnected; %d running request(s) aborted, %d queued dropped; the next proxy may connect",
+            len(running), len(aborted),
+        )  # fmt: skip
 
     def _on_generate(self, envelope: list[bytes], request: Generate) -> None:
         if not self.book.enqueue(request):
@@ -462,7 +549,7 @@ class IOLoop(threading.Thread):
             for envelope in waiting:
                 self._send(envelope, self._current_hello())
         elif self._peer is None:
-            log.warning("no proxy connected; dropping %s", item.KIND)
+            log.debug("no proxy connected; dropping %s", item.KIND)
         else:
             self._send(self._peer, item)
 
@@ -472,7 +559,10 @@ class IOLoop(threading.Thread):
         try:
             self._socket.send_multipart([*envelope, encode(message)], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
-            log.warning("could not send %s: %s", message.KIND, exc)
+            if exc.errno == zmq.EHOSTUNREACH and envelope == self._peer:
+                self._on_peer_gone()
+            else:
+                log.warning("could not send %s: %s", message.KIND, exc)
 
     def _current_hello(self) -> Hello:
         return dataclasses.replace(self._hello, memory=memory_stats(self.pool_stats.bytes))

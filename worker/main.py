@@ -41,6 +41,7 @@ from protocol.messages import (
     Shutdown,
     Stats,
 )
+from protocol.curve import ServerKeys, is_loopback_endpoint
 from worker.io_loop import SHUTDOWN_LINGER_MS, Close, IOLoop, Outbox, Ready, RequestBook, StopFlag
 from worker.engine import ContextLengthExceeded
 from worker.step_loop import StepLoop
@@ -88,7 +89,19 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         description="Run one MLX worker: serve a model over a ZeroMQ ROUTER socket.",
     )
     parser.add_argument("--model", required=True, help="mlx-lm model directory or Hugging Face repo")
-    parser.add_argument("--endpoint", required=True, help="ZeroMQ endpoint to bind: ipc://PATH or tcp://HOST:PORT")
+    parser.add_argument(
+        "--endpoint", required=True,
+        help="ZeroMQ endpoint to bind: ipc://PATH or tcp://HOST:PORT (a non-loopback host needs the CURVE keys)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--curve-secret-key", default=None, metavar="FILE",
+        help="this worker's CURVE key pair (worker.key_secret from `mlx-cache-proxy keys`): the link is encrypted "
+        "and only proxies whose public key --curve-allowed-keys lists may connect",
+    )  # fmt: skip
+    parser.add_argument(
+        "--curve-allowed-keys", default=None, metavar="PATH",
+        help="the proxies' public keys (a .key file, or a directory of them) this worker admits",
+    )  # fmt: skip
     parser.add_argument("--model-id", default=None, help="the model name the proxy serves (default: from --model)")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
     parser.add_argument("--cache-bytes", type=parse_bytes, default=None, help="checkpoint pool size, e.g. 512M or 8G")
@@ -135,6 +148,21 @@ def engine_config(args: argparse.Namespace):
     return EngineConfig(cache_enabled=not args.no_cache, **{k: v for k, v in given.items() if v is not None})
 
 
+def link_keys(args: argparse.Namespace) -> Optional[ServerKeys]:
+    """The CURVE server keys, or None; raises ValueError for a half-given pair or an open endpoint without keys."""
+    if (args.curve_secret_key is None) != (args.curve_allowed_keys is None):
+        raise ValueError("--curve-secret-key and --curve-allowed-keys go together")
+    if args.curve_secret_key is None:
+        if not is_loopback_endpoint(args.endpoint):
+            raise ValueError(
+                f"refusing to bind {args.endpoint} without CURVE keys: anyone who reaches it could drive this "
+                "worker; give --curve-secret-key and --curve-allowed-keys (see `mlx-cache-proxy keys`) "
+                "or bind a loopback address"
+            )
+        return None
+    return ServerKeys.load(args.curve_secret_key, args.curve_allowed_keys)
+
+
 def install_signal_handlers(stop: StopFlag) -> None:
     def ask_to_stop(signum, _frame) -> None:
         stop.request(signal.Signals(signum).name)
@@ -145,6 +173,11 @@ def install_signal_handlers(stop: StopFlag) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    try:
+        keys = link_keys(args)
+    except ValueError as exc:  # KeyFileError too
+        print(f"mlx-cache-proxy worker: {exc}", file=sys.stderr)
+        return 2
     from proxy.logs import setup_logging
 
     text_format = f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(message)s"
@@ -156,7 +189,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     outbox = Outbox()
     book = RequestBook()
     # The IO thread starts before the (slow) load, so a proxy can connect early; it gets Hello once we are ready.
-    io = IOLoop(args.endpoint, inbox, outbox, book, stop, args.heartbeat_interval, args.parent_pid)
+    io = IOLoop(args.endpoint, inbox, outbox, book, stop, args.heartbeat_interval, args.parent_pid, keys)
     io.start()
     io.bound.wait()
     if io.bind_error is not None:
@@ -220,7 +253,7 @@ def _log_start(engine, args, capacity: int) -> None:
         "serving %s (%s) on %s; layout: %s; pool capacity %.1f MiB; up to %d requests at once%s",
         engine.model_id,
         args.model,
-        args.endpoint,
+        args.endpoint + (" (CURVE)" if args.curve_secret_key else ""),
         _layout_summary(engine.layout),
         capacity / 2**20,
         args.max_batch,
