@@ -15,8 +15,8 @@ factory, wrapped around aiohttp's:
 - except that a `GET /health` or `/metrics` over the cap is handed to aiohttp all the same,
   up to `HEALTH_RESERVE` such connections at once, and closed after its one answer: the
   monitoring keeps working during a flood, which is when it matters;
-- connections still being refused are themselves capped (`REFUSING_MAX`); past that they are
-  closed at once, unanswered.
+- connections whose head is being read are themselves capped (`REFUSING_MAX`); past that
+  the 503 goes out at once, unread (the client may then see a reset instead).
 
 Refusals are counted and logged once per `REFUSAL_LOG_INTERVAL_S`, never one line each.
 The cap's default comes from the open-file limit, after raising the soft limit to the
@@ -39,7 +39,9 @@ from proxy.auth import is_monitoring_path
 log = logging.getLogger("mlx_cache_proxy")
 
 HEALTH_RESERVE = 8  # connections over the cap kept for GET /health and /metrics
-REFUSING_MAX = 64  # over-cap connections being read and answered at once; past that, closed unanswered
+# Over-cap connections whose request head is being read, at once (asyncio accepts up to a backlog, 128, of
+# connections before any of them is read); past that, the 503 goes out unread, at the risk of a reset.
+REFUSING_MAX = 256
 HEAD_TIMEOUT_S = 2.0  # an over-cap connection's request head must arrive within this, or it is refused unread
 HEAD_LIMIT = 8192  # bytes of request head read from an over-cap connection
 REFUSAL_LOG_INTERVAL_S = 10.0
@@ -193,9 +195,8 @@ class GatedConnection(asyncio.Protocol):
             self.state = READING_HEAD
             self._timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT_S, self._refuse)
         else:
-            self.state = REFUSED
-            gate.note_refused()
-            transport.close()
+            self.state = READING_HEAD
+            self._refuse()
 
     def data_received(self, data: bytes) -> None:
         if self.inner is not None:
