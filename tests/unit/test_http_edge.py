@@ -266,3 +266,23 @@ def test_accept_errors_are_logged_once_per_interval(caplog):
     assert len(messages) == 2 and "(1 time(s)" in messages[0] and "(50 time(s)" in messages[1]
     assert all(r.exc_info is None for r in caplog.records)
     assert seen == [{"message": "something else"}]
+
+
+# ----------------------------------------------------------------- options
+
+
+def test_keys_from_env_list_and_key_file_and_bad_values_are_start_up_errors(tmp_path):
+    from proxy.options import resolve
+    from proxy.serve import edge_options
+
+    key_file = tmp_path / "keys"
+    key_file.write_text("k3\n")
+    values = resolve(["--api-key-file", str(key_file), "--max-connections", "100"], {"MLX_CACHE_PROXY_API_KEY": "k1, k2"})
+    edge = edge_options(values)
+    assert edge["api_keys"] == ("k1", "k2", "k3") and edge["max_connections"] == 100
+    assert "k1" not in repr(ProxyConfig(models=(), **edge))
+    assert edge_options(resolve([], {}))["max_connections"] >= 16
+    for argv in (["--cors-origin", "app.example"], ["--api-key-file", str(tmp_path / "none")],
+                 ["--max-connections", "100000000"]):
+        with pytest.raises(ValueError):
+            edge_options(resolve(argv, {}))
