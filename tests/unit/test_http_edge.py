@@ -286,3 +286,11 @@ def test_keys_from_env_list_and_key_file_and_bad_values_are_start_up_errors(tmp_
                  ["--max-connections", "100000000"]):
         with pytest.raises(ValueError):
             edge_options(resolve(argv, {}))
+
+
+def test_the_proxys_own_key_is_not_forwarded_upstream():
+    from proxy.upstream import forwarded_headers
+
+    headers = {"Authorization": "Bearer k", "x-api-key": "k", "X-A": "1"}
+    assert forwarded_headers(headers) == headers  # no keys here: the client's key is the upstream's
+    assert forwarded_headers(headers, drop_keys=True) == {"X-A": "1"}
