@@ -4,8 +4,8 @@ A Messages request takes the chat completions' way (`routes._serve_generation`):
 the same model lookup and upstream forwarding, the same rendering with the
 chat template and checkpoint hints, the same guards, queue, worker and pool.
 Only the parsing (`anthropic_api`) and the answer (`AnthropicResponder`) differ.
-The `x-api-key`, `anthropic-version` and `anthropic-beta` headers are accepted
-and not checked.
+The `anthropic-version` and `anthropic-beta` headers are accepted and not
+checked; `x-api-key` is checked by `proxy.auth` when keys are configured.
 """
 
 from __future__ import annotations

@@ -18,9 +18,12 @@ from aiohttp import web
 
 from proxy import anthropic_api
 from proxy.anthropic_routes import add_anthropic_routes
+from proxy.auth import ApiKeys, auth_middleware
 from proxy.config import ProxyConfig
+from proxy.cors import install_cors
 from proxy.errors import ApiError, InternalError, NotFound, RequestTooLarge
 from proxy.metrics import Metrics, WorkerView
+from proxy.request_body import body_deadline_middleware
 from proxy.routes import GENERATION_ENTERED, MODEL_ID, add_routes
 from proxy.served_model import ModelRegistry, ServedModel, close_served_model, open_served_model
 from proxy.state import CONFIG, LIFECYCLE, METRICS, REGISTRY, UPSTREAM_SESSION, Lifecycle
@@ -33,7 +36,14 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def create_app(config: ProxyConfig) -> web.Application:
-    app = web.Application(middlewares=[api_errors], client_max_size=config.max_body_bytes)
+    app = web.Application(client_max_size=config.max_body_bytes)
+    # Outermost first: CORS preflights need no key; errors of the key check and of the body take the route's shape.
+    app.middlewares.extend([
+        *install_cors(app, config.cors_origins),
+        api_errors,
+        *([auth_middleware(ApiKeys(config.api_keys), config.protect_metrics)] if config.api_keys else []),
+        body_deadline_middleware(config.body_timeout, _error_response),
+    ])
     app[CONFIG] = config
     app[LIFECYCLE] = Lifecycle()
     app[METRICS] = Metrics()

@@ -74,6 +74,12 @@ class ProxyConfig:
     shutdown_timeout: float = 30.0  # for the running requests on SIGTERM
     max_hints: int = 8  # message boundaries hinted to the worker
     max_body_bytes: int = 16 * 1024**2
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # none: no key needed (proxy/auth.py)
+    protect_metrics: bool = False  # /metrics needs a key too
+    cors_origins: tuple[str, ...] = ()  # proxy/cors.py
+    body_timeout: float = 30.0  # the whole request body, from the end of its headers (proxy/request_body.py)
+    idle_timeout: float = 15.0  # keep-alive and request-header limit (proxy/listener.py)
+    max_connections: int = 0  # 0: from the open-file limit (proxy/connections.py)
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)

@@ -81,6 +81,25 @@ class RequestTooLarge(InvalidRequest):
     code = "request_too_large"
 
 
+class Unauthorized(ApiError):
+    """No API key, or not one of --api-key's: OpenAI's `invalid_api_key` (Anthropic's `authentication_error`)."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "WWW-Authenticate": "Bearer"}
+
+
+class RequestTimeout(ApiError):
+    """The request body did not arrive within --body-timeout; the connection is closed after the answer."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class NotFound(ApiError):
     status = 404
     type = "invalid_request_error"

@@ -154,6 +154,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("worker_start_timeout", _float(1), 600.0, "model load + handshake limit", "SECONDS"),
     Option("keepalive_interval", _float(0.01), 5.0, "SSE keep-alive comment interval while a stream waits",
            "SECONDS"),
+    Option("api_key", _str, [], "an API key clients must send (Authorization: Bearer or x-api-key; repeatable); "
+           "none: no key needed. Prefer the environment or --api-key-file: flags show in ps", "KEY", repeat=True),
+    Option("api_key_file", _str, "", "read API keys from this file, one a line ('#' starts a comment)", "PATH"),
+    Option("protect_metrics", _bool, False, "with API keys, /metrics needs a key too (/health stays open)",
+           flag=True),
+    Option("cors_origin", _str, [], "a browser origin allowed to call the API, e.g. https://app.example, or '*' "
+           "(repeatable); none: no CORS headers", "ORIGIN", repeat=True),
+    Option("body_timeout", _float(0.1), 30.0, "a request body must arrive whole within this; later: 408", "SECONDS"),
+    Option("idle_timeout", _float(0.1), 15.0, "an idle keep-alive connection, or one whose request headers have "
+           "not all arrived, is closed after this long", "SECONDS"),
+    Option("max_connections", _int(0), 0, "open client connections at most; more are answered 503 and closed "
+           "(/health and /metrics keep a few more); 0: from the open-file limit", "N"),
     Option("log_level", _choice("debug", "info", "warning", "error"), "info", "log level"),
     Option("log_format", _choice("text", "json"), "text", "log line format"),
     Option("log_file", _str, "", "also log to this file (reopened when rotated away); default: stderr only",

@@ -12,8 +12,6 @@ import logging
 import sys
 from typing import Optional
 
-from aiohttp import web
-
 from proxy.config import DEFAULT_MODEL_ALIAS, DEFAULT_MODEL_ID, ModelSpec, ProxyConfig, WorkerOptions
 from proxy.logs import setup_logging
 from proxy.options import OptionError, default_cache_dir, resolve
@@ -124,6 +122,26 @@ def config_from_options(values: dict) -> ProxyConfig:
         keepalive_interval=values["keepalive_interval"],
         shutdown_timeout=values["shutdown_timeout"],
         max_body_bytes=values["max_body_bytes"],
+        **edge_options(values),
+    )
+
+
+def edge_options(values: dict) -> dict:
+    """The HTTP edge's fields of ProxyConfig (keys, CORS, timeouts, connection cap), checked."""
+    from proxy.auth import ApiKeys, read_key_file
+    from proxy.connections import connection_cap
+    from proxy.cors import CorsPolicy
+
+    keys = list(values["api_key"]) + (read_key_file(values["api_key_file"]) if values["api_key_file"] else [])
+    ApiKeys(keys)
+    CorsPolicy(values["cors_origin"])
+    return dict(
+        api_keys=tuple(keys),
+        protect_metrics=values["protect_metrics"],
+        cors_origins=tuple(values["cors_origin"]),
+        body_timeout=values["body_timeout"],
+        idle_timeout=values["idle_timeout"],
+        max_connections=connection_cap(values["max_connections"]),
     )
 
 
@@ -143,17 +161,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
 
     from proxy.app import create_app
+    from proxy.listener import ListenOptions, run_app
     from proxy.worker_client import WorkerStartError
 
     try:
-        web.run_app(
-            create_app(config),
-            host=config.host,
-            port=config.port,
-            shutdown_timeout=config.shutdown_timeout,
-            handler_cancellation=True,  # a client that goes away cancels its handler: that aborts
-            print=lambda text: log.info("%s", text.strip()),
-        )
+        run_app(create_app(config), ListenOptions(
+            config.host, config.port, config.max_connections, config.idle_timeout, config.shutdown_timeout))
     except WorkerStartError as exc:
         log.error("%s", exc)
         return 1

@@ -15,6 +15,7 @@ from yarl import URL
 
 from proxy.errors import UpstreamError
 from proxy.sse import ClientGone
+from proxy.state import CONFIG
 
 log = logging.getLogger("mlx_cache_proxy")
 
@@ -37,8 +38,13 @@ def upstream_url(base: str, path_qs: str) -> URL:
     return URL(str(url.with_path("").with_query(None)).rstrip("/") + base_path + path_qs, encoded=True)
 
 
-def forwarded_headers(headers) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if k.lower() not in _HOP_BY_HOP}
+# With --api-key these carry the proxy's own key, which is not the upstream's to see.
+_CLIENT_KEYS = frozenset(("authorization", "x-api-key"))
+
+
+def forwarded_headers(headers, drop_keys: bool = False) -> dict[str, str]:
+    dropped = _HOP_BY_HOP | _CLIENT_KEYS if drop_keys else _HOP_BY_HOP
+    return {k: v for k, v in headers.items() if k.lower() not in dropped}
 
 
 def new_session() -> aiohttp.ClientSession:
@@ -58,7 +64,8 @@ async def forward(
     url = upstream_url(base, request.raw_path)
     try:
         upstream = await session.request(
-            request.method, url, data=body, headers=forwarded_headers(request.headers), allow_redirects=False
+            request.method, url, data=body, headers=forwarded_headers(request.headers, drop_keys=bool(request.app[CONFIG].api_keys)),
+            allow_redirects=False,
         )
     except (aiohttp.ClientError, OSError) as exc:
         raise UpstreamError(f"the upstream at {base} could not be reached: {exc}", retry_after=5) from exc
