@@ -31,6 +31,7 @@ from aiohttp import web
 
 from proxy.errors import ApiError, InvalidRequest, QueueFull
 from proxy.generation import Finished
+from proxy.namespace import parse_cache_salt
 from proxy.openai_api import MAX_STOP_STRINGS, ChatRequest, GenerationOptions, ResponseIdentity, requested_model
 from proxy.text_output import OutputDelta
 
@@ -84,6 +85,7 @@ def _chat_request(body: dict[str, Any], max_tokens: int, stream: bool) -> ChatRe
         tools=tools,
         parse_tools=tools is not None,
         template_kwargs=_thinking(body.get("thinking")),
+        cache_salt=parse_cache_salt(body),
     )
 
 

@@ -37,6 +37,7 @@ class GenerationJob:
     text: TextOutput
     split_points: list[int] = field(default_factory=list)
     split_kinds: list[int] = field(default_factory=list)
+    namespace: str = ""  # the cache namespace (proxy.namespace)
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ class Generation:
                 split_points=job.split_points,
                 split_kinds=job.split_kinds,
                 progress_every=self.settings.progress_every,
+                namespace=job.namespace,
             )
         )
         while True:

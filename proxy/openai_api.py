@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence, Union
 
 from protocol.messages import Hello, SamplingParams
 from proxy.errors import InvalidJson, InvalidRequest
+from proxy.namespace import parse_cache_salt
 
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
@@ -72,6 +73,7 @@ class ChatRequest:
     tools: Optional[list[dict[str, Any]]] = None
     parse_tools: bool = False  # tools given and tool_choice is not "none"
     template_kwargs: dict[str, Any] = field(default_factory=dict)
+    cache_salt: Optional[str] = None  # splits the cache namespace further (proxy.namespace)
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class CompletionRequest:
     model: Optional[str]
     prompt: Union[str, list[int]]
     options: GenerationOptions
+    cache_salt: Optional[str] = None
 
 
 # ----------------------------------------------------------------- parsing
@@ -164,6 +167,7 @@ def parse_chat_request(body: dict[str, Any], default_max_tokens: int) -> ChatReq
         tools=tools,
         parse_tools=tools is not None,
         template_kwargs=template_kwargs,
+        cache_salt=parse_cache_salt(body),
     )
 
 
@@ -317,6 +321,7 @@ def parse_completion_request(body: dict[str, Any], default_max_tokens: int) -> C
         model=requested_model(body),
         prompt=prompt,
         options=_options(body, max_tokens, top_logprobs),
+        cache_salt=parse_cache_salt(body),
     )
 
 

@@ -31,7 +31,9 @@ from proxy.errors import (
     ShuttingDown,
 )
 from proxy.generation import Generation, GenerationJob, GenerationSettings
+from proxy.auth import client_id
 from proxy.guards import check_context, check_memory, check_text_size
+from proxy.namespace import cache_namespace
 from proxy.openai_api import ResponseIdentity
 from proxy.responders import ChatFormat, OpenAIResponder, Responder, TextFormat
 from proxy.served_model import ServedModel
@@ -201,7 +203,7 @@ async def _chat_job(
     )
     return GenerationJob(
         request_id, chat.model or served.model_id, rendered.tokens, rendered.checkpoint_hints, chat.options, text,
-        rendered.split_points, rendered.split_kinds,
+        rendered.split_points, rendered.split_kinds, cache_namespace(client_id(request), chat.cache_salt),
     )
 
 
@@ -220,7 +222,10 @@ async def _prepare_text(
             raise InvalidRequest(f"token ids must be below the vocabulary size {vocab}", param="prompt")
     _check_prompt(served, tokens)
     text = served.tokenizer.text_output(stop=completion.options.stop)
-    return GenerationJob(request_id, completion.model or served.model_id, tokens, [], completion.options, text)
+    namespace = cache_namespace(client_id(request), completion.cache_salt)
+    return GenerationJob(
+        request_id, completion.model or served.model_id, tokens, [], completion.options, text, namespace=namespace
+    )
 
 
 def context_limit(served: ServedModel) -> int:
