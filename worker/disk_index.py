@@ -130,7 +130,8 @@ class DiskIndex:
         for row in rows:
             entry = _entry_from_row(row)
             if entry is None:
-                log.warning("disk cache index: ignoring a row naming %r (not a name this tier gives)", row[0])
+                log.warning("disk cache index: ignoring a row naming %r (not a name this tier gives, "
+                            "or fields that do not match it)", row[0])  # fmt: skip
                 bad.append(row[0])
             else:
                 entries.append(entry)
