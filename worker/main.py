@@ -78,6 +78,8 @@ def _positive_float(text: str) -> float:
     return value
 
 
+# The shutdown save's deadline: it ends before the IO thread's grace (STOP_GRACE_S more) and the
+# proxy's wait (proxy/serve.py WORKER_SAVE_TIMEOUT_S, 140 s) run out.
 DISK_SAVE_GRACE_S = 120.0
 # Chosen by measurement (tests/benchmarks/bench_batching.py); the proxy's --max-batch default is this one.
 DEFAULT_MAX_BATCH = 8
