@@ -132,6 +132,8 @@ class DiskStats:
     written_bytes: int = 0
     load_seconds: float = 0.0
     corrupt: int = 0
+    write_failures: int = 0  # writes that failed (full disk, I/O error): dropped, their memory freed
+    pending_bytes: int = 0  # bytes waiting in memory for the writer
 
 
 @dataclass(frozen=True)

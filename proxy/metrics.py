@@ -202,6 +202,7 @@ class _WorkerCollector(Collector):
                 ("memory_limit_bytes", "The worker's memory budget"),
                 ("disk_bytes", "Bytes held by the disk tier"),
                 ("disk_entries", "Sequences held by the disk tier"),
+                ("disk_pending_bytes", "Bytes of sequences waiting in worker memory to be written to disk"),
             )
         }
         counters = {
@@ -213,6 +214,7 @@ class _WorkerCollector(Collector):
                 ("disk_read_bytes", "Bytes read from the disk tier"),
                 ("disk_written_bytes", "Bytes written to the disk tier"),
                 ("disk_load_seconds", "Seconds spent loading from the disk tier"),
+                ("disk_write_failures", "Disk tier writes that failed (full disk, I/O error) and were dropped"),
             )
         }
         for view in self._views():
@@ -238,6 +240,8 @@ class _WorkerCollector(Collector):
                     counters["disk_read_bytes"].add_metric(m, disk.read_bytes)
                     counters["disk_written_bytes"].add_metric(m, disk.written_bytes)
                     counters["disk_load_seconds"].add_metric(m, disk.load_seconds)
+                    counters["disk_write_failures"].add_metric(m, disk.write_failures)
+                    gauges["disk_pending_bytes"].add_metric(m, disk.pending_bytes)
             if view.memory_limit:
                 gauges["memory_limit_bytes"].add_metric(m, view.memory_limit)
             if view.memory is not None:

@@ -82,8 +82,31 @@ def read_entry(path: Path) -> tuple[dict, dict[str, tuple[np.ndarray, str]]]:
     return header, arrays
 
 
-def write_json_atomic(path: Path, value: object) -> None:
-    _write_atomic(path, "w", lambda f: json.dump(value, f, separators=(",", ":")))
+def read_header(path: Path, limit: int = 64 << 20) -> dict:
+    """The JSON header alone, checksum not verified (`read_entry` verifies it when the entry is loaded).
+
+    Cheap enough to run over every file when the index has to be rebuilt; raises
+    CorruptEntry when the file does not even start like a checkpoint file.
+    """
+    try:
+        with open(path, "rb") as f:
+            start = f.read(len(MAGIC) + 8)
+            if len(start) < len(MAGIC) + 8 or not start.startswith(MAGIC):
+                raise CorruptEntry(f"{path.name}: not a checkpoint file, or truncated")
+            (head_len,) = struct.unpack("<Q", start[len(MAGIC):])
+            if head_len > limit:
+                raise CorruptEntry(f"{path.name}: header of {head_len} bytes")
+            head = f.read(head_len)
+    except OSError as exc:
+        raise CorruptEntry(f"{path.name}: {exc}") from exc
+    try:
+        header = json.loads(head)
+    except ValueError as exc:
+        raise CorruptEntry(f"{path.name}: bad header: {exc}") from exc
+    if not isinstance(header, dict):
+        raise CorruptEntry(f"{path.name}: bad header")
+    header.pop("arrays", None)
+    return header
 
 
 def _write_atomic(path: Path, mode: str, body: Callable[[IO], None]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -142,15 +143,38 @@ class Engine:
         disk = self.disk.stats()
         return PoolStats(**{**stats.__dict__, "disk": disk})
 
-    def close(self) -> None:
-        """At shutdown: write the pool to the disk tier and wait for the writes."""
+    def close(self, timeout_s: float | None = None) -> None:
+        """At shutdown: write the pool to the disk tier, most recently used first, within `timeout_s`.
+
+        One file and one index row per sequence, so the time is linear in the pool; what
+        the deadline cuts off is the least recently used part, and the log says how much.
+        """
         if self.disk is None:
             return
-        for seq in list(self.pool.sequences.values()):
-            self._save_to_disk(seq, self.pool.checkpoints_on_path(seq))
-        self.disk.close()
+        start = time.monotonic()
+        deadline = None if timeout_s is None else start + timeout_s
+        before = self.disk.progress()
+        sequences = sorted(self.pool.sequences.values(), key=lambda s: s.last_used, reverse=True)
+        queued = unrestorable = 0
+        for seq in sequences:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            if self._save_to_disk(seq, self.pool.checkpoints_on_path(seq)):
+                queued += 1
+            else:
+                unrestorable += 1
+        self.disk.close(deadline)
+        after = self.disk.progress()
+        total = len(sequences) + before.pending
+        log.info(
+            "disk tier: saved %d of %d sequences (%.1f MB) in %.1fs; not saved: %d at the deadline, %d failed "
+            "writes, %d with no restore point",
+            after.written - before.written, total, (after.written_bytes - before.written_bytes) / 1e6,
+            time.monotonic() - start, len(sequences) - queued - unrestorable + after.skipped - before.skipped,
+            after.failed - before.failed, unrestorable,
+        )  # fmt: skip
 
-    def _save_to_disk(self, seq: Sequence, checkpoints: list[Checkpoint]) -> None:
+    def _save_to_disk(self, seq: Sequence, checkpoints: list[Checkpoint]) -> bool:
         end = len(seq.tokens)
         points = [
             SavedPoint(c.position, c.kind.value, c.snapshot, c.logits) for c in checkpoints if c.position <= end
@@ -159,8 +183,8 @@ class Engine:
             # In memory the live cache is the state at its end; on disk it needs a snapshot of its own.
             points.append(SavedPoint(end, RestoreKind.GENERATION_END.value, self.ops.snapshot(seq.cache, end), None))
         if self.ops.needs_snapshots and not points:
-            return  # nowhere to restore it exactly
-        self.disk.save(seq.tokens, seq.cache, points)
+            return False  # nowhere to restore it exactly
+        return self.disk.save(seq.tokens, seq.cache, points)
 
     def evict_to(self, target_bytes: int) -> None:
         if self.pool is not None:

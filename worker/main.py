@@ -42,6 +42,7 @@ from protocol.messages import (
     Stats,
 )
 from protocol.curve import ServerKeys, is_loopback_endpoint
+from worker.disk_lock import CacheDirLocked
 from worker.io_loop import SHUTDOWN_LINGER_MS, Close, IOLoop, Outbox, Ready, RequestBook, StopFlag
 from worker.engine import ContextLengthExceeded
 from worker.step_loop import StepLoop
@@ -78,6 +79,8 @@ def _positive_float(text: str) -> float:
     return value
 
 
+# The shutdown save's deadline: it ends before the IO thread's grace (STOP_GRACE_S more) and the
+# proxy's wait (proxy/serve.py WORKER_SAVE_TIMEOUT_S, 140 s) run out.
 DISK_SAVE_GRACE_S = 120.0
 # Chosen by measurement (tests/benchmarks/bench_batching.py); the proxy's --max-batch default is this one.
 DEFAULT_MAX_BATCH = 8
@@ -169,6 +172,8 @@ def install_signal_handlers(stop: StopFlag) -> None:
 
     signal.signal(signal.SIGTERM, ask_to_stop)
     signal.signal(signal.SIGINT, ask_to_stop)
+    # A file past RLIMIT_FSIZE must fail its write (EFBIG, handled like a full disk), not kill the worker.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -209,6 +214,11 @@ def _run(args, io: IOLoop, inbox, outbox: Outbox, book: RequestBook, stop: StopF
 
     try:
         engine = load_engine(args.model, engine_config(args), model_id=args.model_id)
+    except CacheDirLocked as exc:
+        log.error("%s", exc)  # one line: the cause is another process, not a bug here
+        outbox.put(Error(ErrorCode.INTERNAL, str(exc)))
+        outbox.put(Close(SHUTDOWN_LINGER_MS))
+        return 1
     except Exception as exc:
         log.exception("failed to load %s", args.model)
         outbox.put(Error(ErrorCode.INTERNAL, f"failed to load model {args.model}: {exc}"))
@@ -223,7 +233,7 @@ def _run(args, io: IOLoop, inbox, outbox: Outbox, book: RequestBook, stop: StopF
     log.info("stopping: %s", reason)
     try:
         io.stop_grace_s += DISK_SAVE_GRACE_S  # saving is work, not a hang
-        engine.close()  # the pool goes to the disk tier, if there is one
+        engine.close(DISK_SAVE_GRACE_S)  # the pool goes to the disk tier, if there is one, within the grace
     except Exception:
         log.exception("saving the pool to disk failed")
     # After Shutdown the last Results must still leave; after a stop nothing more is sent.

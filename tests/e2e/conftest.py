@@ -52,10 +52,14 @@ class Server:
 
 
 def launch(argv: list[str], port: int, log_path: Path, env: dict[str, str] | None = None) -> Server:
+    # Each process gets its own default disk tier: two workers of one model on one directory are
+    # refused (worker/disk_lock.py), and the session's proxies run beside the tests' own. A
+    # --cache-dir flag still wins.
+    disk = log_path.parent / f"{log_path.stem}-disk"
     log = open(log_path, "wb")
     process = subprocess.Popen(
         argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "MLX_CACHE_PROXY_CACHE_DIR": str(disk), **(env or {})},
     )  # fmt: skip
     log.close()
     return Server(process, port, log_path)
