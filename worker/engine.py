@@ -184,7 +184,7 @@ class Engine:
             points.append(SavedPoint(end, RestoreKind.GENERATION_END.value, self.ops.snapshot(seq.cache, end), None))
         if self.ops.needs_snapshots and not points:
             return False  # nowhere to restore it exactly
-        return self.disk.save(seq.tokens, seq.cache, points)
+        return self.disk.save(seq.tokens, seq.cache, points, seq.namespace)
 
     def evict_to(self, target_bytes: int) -> None:
         if self.pool is not None:
@@ -300,7 +300,7 @@ class Engine:
         """A lease restored from the disk tier, when it goes deeper and loads faster than recomputing."""
         if self.disk is None:
             return None
-        hit = self.disk.lookup(plan.prompt)
+        hit = self.disk.lookup(plan.prompt, plan.namespace)
         if hit is None or hit.position <= plan.restore_point:
             return None
         recompute_s = (hit.position - plan.restore_point) / self.prefill_tokens_per_s
