@@ -428,6 +428,8 @@ class CheckpointPool:
             ckpt.pins -= 1
             if ckpt.node is not None:  # still stored (a path pruned under it takes it along)
                 self._index.file(ckpt)
+            elif ckpt.pins == 0:
+                _let_go(ckpt)
         if lease.sequence is not None:
             lease.sequence.pins -= 1
             self._index.file(lease.sequence)
@@ -790,7 +792,7 @@ class CheckpointPool:
         if self.sequences.pop(seq.key, None) is not None:
             self._sequence_bytes -= seq.nbytes
         self._index.forget(seq)
-        seq.cache = None
+        seq.cache, seq.tokens, seq.anchors = None, [], []  # the eviction heap may hold it a while yet
         self._touch_surviving(path)
 
     def _move(self, seq: Sequence, tokens: list[int]) -> None:
@@ -838,6 +840,8 @@ class CheckpointPool:
             ckpt.node = None
             self._index.forget(ckpt)
             self._unanchor(ckpt)
+            if ckpt.pins == 0:  # a running request's plan may still read a pinned one
+                _let_go(ckpt)
 
     def _unanchor(self, ckpt: Checkpoint) -> None:
         """`ckpt` is gone: the sequences it anchored drop it (their lists would keep its snapshot alive)."""
@@ -868,3 +872,9 @@ class CheckpointPool:
         for seq in list(self.sequences.values()):
             if not seq.pins:
                 self._drop_sequence(seq)
+
+
+def _let_go(ckpt: Checkpoint) -> None:
+    """A checkpoint that left the pool keeps no arrays: the eviction heap drops dead entries lazily,
+    and each would otherwise hold its snapshot (tens of MB on a real hybrid) until a rebuild."""
+    ckpt.snapshot, ckpt.logits, ckpt.logits_nbytes = None, None, 0

@@ -443,3 +443,17 @@ def test_prefixes_are_shared_only_inside_a_namespace():
         assert {s.namespace for s in pool.sequences.values()} == {"a" * 32, "b" * 32}
         pool.evict_to(0)
         assert pool.nbytes == 0 and not pool.trie.root.children  # eviction prunes every namespace's paths
+
+
+def test_units_that_left_the_pool_hold_nothing_while_the_heap_still_lists_them():
+    """Dead heap entries are dropped lazily; they must not keep snapshots or caches alive meanwhile."""
+    pool = make_pool(capacity=2_000 * BYTES_PER_TOKEN, interval=8)
+    for i in range(60):
+        run(pool, SYSTEM + [i % 7, i, i + 1] * 20, generated=[1, 2, 3], hints=[len(SYSTEM)])
+    dead = [unit for _, _, unit in pool._index._heap if not pool._alive(unit)]
+    assert dead, "the test needs evictions"
+    for unit in dead:
+        if hasattr(unit, "cache"):
+            assert unit.cache is None and unit.tokens == []
+        else:
+            assert unit.snapshot is None and unit.logits is None
