@@ -18,7 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from protocol.messages import Generate, SamplingParams
+from tests.integration.test_disk_tier import config, run, words
 from worker.disk_format import read_header
 from worker.disk_index import INDEX_FILE, entry_name, is_entry_name, token_bytes
 from worker.disk_lock import CacheDirLocked
@@ -27,24 +27,6 @@ from worker.engine import EngineConfig, load_engine
 from worker.state_codec import SavedPoint
 
 WARNINGS = "mlx_cache_proxy.worker"
-
-
-def config(disk_dir: Path, **overrides) -> EngineConfig:
-    return EngineConfig(checkpoint_interval=32, prefill_step=64, disk_dir=str(disk_dir), **overrides)
-
-
-def run(engine, prompt, max_tokens=4):
-    out: list[int] = []
-    result = engine.generate(
-        Generate("r", list(prompt), SamplingParams(max_tokens=max_tokens)),
-        lambda m: out.extend(getattr(m, "tokens", [])),
-        lambda: False,
-    )
-    return out, result.facts
-
-
-def words(rng, k):
-    return [rng.randrange(20, 900) for _ in range(k)]
 
 
 def tier_dir(root: Path) -> Path:
