@@ -405,3 +405,15 @@ def test_bench_edge_times_the_key_check_and_the_namespace(tmp_path):
     rows = {r["variant"]: r for r in data["rows"]}
     assert data["auth_plus_namespace_added_us"] > 0
     assert rows["auth, 1 key"]["added_us"] is not None and rows["namespace, salt"]["us_per_request"] > 0
+
+
+def test_bench_tokenize_runs_small(tmp_path):
+    import json
+
+    from tests.benchmarks import bench_tokenize
+
+    out = tmp_path / "tokenize.json"
+    assert bench_tokenize.main(["--rounds", "1", "--scale", "0.02", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert len(data["hints"]) == 3 and all(row["with_hints_s"] > 0 for row in data["hints"].values())
+    assert data["refusal"]["refused_s"] > 0 and data["marking"]["marked_ms"] > 0
