@@ -74,10 +74,12 @@ def read_entry(path: Path) -> tuple[dict, dict[str, tuple[np.ndarray, str]]]:
         header = json.loads(body[start : start + head_len])
         base = start + head_len
         arrays = {}
+        if not isinstance(header, dict):
+            raise TypeError("the header is not an object")
         for spec in header.pop("arrays"):
             raw = body[base + spec["offset"] : base + spec["offset"] + spec["nbytes"]]
             arrays[spec["name"]] = (np.frombuffer(raw, dtype=np.dtype(spec["np"])).reshape(spec["shape"]), spec["dtype"])
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise CorruptEntry(f"{path.name}: bad header: {exc}") from exc
     return header, arrays
 
@@ -101,7 +103,7 @@ def read_header(path: Path, limit: int = 64 << 20) -> dict:
         raise CorruptEntry(f"{path.name}: {exc}") from exc
     try:
         header = json.loads(head)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise CorruptEntry(f"{path.name}: bad header: {exc}") from exc
     if not isinstance(header, dict):
         raise CorruptEntry(f"{path.name}: bad header")

@@ -140,6 +140,10 @@ class DiskIndex:
         return entries
 
     def _connect(self) -> sqlite3.Connection:
+        for path in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+            if path.is_symlink():  # SQLite would follow it out of the directory
+                log.warning("disk cache index: %s is a symbolic link; removed", path)
+                path.unlink()
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._conn = conn
         (version,) = conn.execute("PRAGMA user_version").fetchone()

@@ -27,7 +27,9 @@ class DirectoryLock:
 
     def acquire(self) -> None:
         """Take the lock or raise CacheDirLocked (at once: a start-up must not wait on another worker)."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if self.path.is_symlink():
+            self.path.unlink()  # our name in our directory: the link goes, never what it points to
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

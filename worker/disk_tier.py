@@ -174,9 +174,12 @@ class DiskTier:
             self._forget(name)
             return None
         except (KeyError, ValueError) as exc:
-            # A complete file that no longer holds this point: it was rewritten for the
-            # same tokens since the lookup. A miss, not damage.
+            # A complete file that does not hold this point: rewritten for the same tokens since
+            # the lookup, or its row is stale (a lost update). A miss, not damage: the file's
+            # header is the truth, so the entry is indexed again from it.
             log.info("disk checkpoint %s changed since the lookup (%s); recomputing", name, exc)
+            if pending is None:
+                self._refresh(name)
             return None
         elapsed = time.perf_counter() - start
         size = hit.entry.nbytes
@@ -361,11 +364,13 @@ class DiskTier:
         """Names of the checkpoint files present; removes this tier's crash leftovers (temp files)."""
         names = set()
         for path in self.dir.iterdir():
-            if path.name.startswith(TEMP_PREFIX):
-                path.unlink(missing_ok=True)
-            elif path.name == OLD_INDEX:
-                log.info("disk tier %s: removing the index of an earlier version", self.dir)
-                path.unlink(missing_ok=True)
+            if path.name.startswith(TEMP_PREFIX) or path.name == OLD_INDEX:
+                if path.name == OLD_INDEX:
+                    log.info("disk tier %s: removing the index of an earlier version", self.dir)
+                if path.is_symlink() or path.is_file():
+                    path.unlink(missing_ok=True)  # a link goes, never what it points to
+                else:
+                    log.warning("disk tier: %s is not a file; left alone", path)
             elif is_entry_name(path.name):
                 if path.is_symlink() or not path.is_file():
                     log.warning("disk tier: %s is not a regular file; ignored", path)
@@ -386,7 +391,7 @@ class DiskTier:
                 raise CorruptEntry(f"{name}: header names other tokens")
             points = points_from_json(header["points"])
             stat = path.stat()
-        except (CorruptEntry, KeyError, TypeError, ValueError, OSError) as exc:
+        except (CorruptEntry, KeyError, TypeError, ValueError, AttributeError, RecursionError, OSError) as exc:
             log.warning("disk checkpoint removed, its header is unreadable (or of an earlier version): %s", exc)
             self.corrupt += 1
             path.unlink(missing_ok=True)
@@ -442,6 +447,18 @@ class DiskTier:
             self._by_age = [(e.last_used, n) for n, e in self._entries.items()]
             heapq.heapify(self._by_age)
         return doomed
+
+    def _refresh(self, name: str) -> None:
+        """The entry as its file's header describes it (a row that promised more is replaced)."""
+        entry = self._adopt(name)  # an unreadable file is removed
+        with self._lock:
+            self._remove_locked(name)
+            if entry is not None:
+                self._add_locked(entry)
+        if entry is not None:
+            self._index.put(entry)
+        else:
+            self._index.delete(name)
 
     def _forget(self, name: str) -> None:
         with self._lock:

@@ -7,6 +7,7 @@ nothing outside the tier's own files is read or removed.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -317,3 +318,67 @@ def test_the_shutdown_save_stops_at_its_deadline_and_says_what_it_saved(model, c
     third = load_engine(model, config(disk))
     assert_all_restore(third, cold, prompts)
     third.close()
+
+
+# ------------------------------------------------------------------ hostile entries in the directory
+
+
+def test_links_named_like_the_lock_or_the_index_are_never_followed(model, cold, tmp_path):
+    from worker.disk_lock import LOCK_FILE
+
+    prompts = saved_conversations(model, tmp_path / "disk", 2)
+    tier = tier_dir(tmp_path / "disk")
+    victims = {}
+    for name in (LOCK_FILE, INDEX_FILE, f"{INDEX_FILE}-wal"):
+        victim = tmp_path / f"victim-{name}"
+        victim.write_text("precious\n")
+        (tier / name).unlink(missing_ok=True)
+        (tier / name).symlink_to(victim)
+        victims[name] = victim
+    engine = load_engine(model, config(tmp_path / "disk"))
+    assert_all_restore(engine, cold, prompts)  # rebuilt from the files' headers
+    engine.close()
+    for victim in victims.values():
+        assert victim.read_text() == "precious\n"
+
+
+def test_odd_entries_and_hostile_headers_cost_only_themselves(model, cold, tmp_path):
+    from worker.disk_format import MAGIC
+    import struct
+
+    prompts = saved_conversations(model, tmp_path / "disk", 2)
+    tier = tier_dir(tmp_path / "disk")
+    (tier / ".tmp-a-directory").mkdir()  # where a temp file would be
+    for i, header in enumerate((b"[" * 100_000, b"[1, 2, 3]", b'"a string"')):
+        name = entry_name("", [900 + i])
+        (tier / name).write_bytes(MAGIC + struct.pack("<Q", len(header)) + header + b"\0" * 64)
+    (tier / INDEX_FILE).unlink()  # every file is read through its header
+    engine = load_engine(model, config(tmp_path / "disk"))
+    assert_all_restore(engine, cold, prompts)
+    engine.close()
+    assert (tier / ".tmp-a-directory").is_dir()
+    assert not any((tier / entry_name("", [900 + i])).exists() for i in range(3))  # unreadable: removed
+
+
+def test_a_row_that_promises_a_point_its_file_lacks_is_replaced_from_the_header(model, cold, tmp_path):
+    import numpy as np
+
+    prompts = saved_conversations(model, tmp_path / "disk", 1)
+    tier = tier_dir(tmp_path / "disk")
+    with sqlite3.connect(tier / INDEX_FILE) as db:
+        (name, raw, points), = db.execute("SELECT name, tokens, points FROM entries").fetchall()
+        stored = [int(t) for t in np.frombuffer(raw, dtype="<i8")]
+        real = {p for p, _, _ in json.loads(points)}
+        stale_at = len(stored) - 1  # on the stored path, deeper than the prompt end, not in the file
+        assert stale_at not in real and stale_at > len(prompts[0])
+        stale = json.loads(points) + [[stale_at, "hint", False]]
+        db.execute("UPDATE entries SET points = ? WHERE name = ?", (json.dumps(stale), name))
+    engine = load_engine(model, config(tmp_path / "disk"))
+    follow_up = stored[:stale_at] + [11, 12]
+    _, facts = run(engine, follow_up)
+    assert not facts.restored_from_disk  # the promised point is not in the file: a miss
+    engine.pool.clear()  # what that request stored in memory must not serve the next one
+    tokens, facts = run(engine, follow_up)
+    assert facts.restored_from_disk and facts.cached_tokens >= len(prompts[0]), facts  # the header's points
+    assert tokens == run(cold, follow_up)[0]
+    engine.close()
