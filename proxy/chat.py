@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from protocol.messages import MAX_SPLIT_POINTS, SPLIT_POINTS_REACH
 from proxy.control_tokens import MARK_END, MARK_START, ControlTokens
-from proxy.errors import InvalidRequest
+from proxy.errors import ContextLengthExceeded, InvalidRequest
 from proxy.guards import check_text_size
 from proxy.prompt_tokens import Encoded, PromptEncoder, TokenizationCancelled
 from proxy.text_output import TextOutput
@@ -146,12 +146,36 @@ def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for call in message.get("tool_calls") or []:
             function = call.get("function") if isinstance(call, dict) else None
             if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                try:
-                    function["arguments"] = json.loads(function["arguments"])
-                except json.JSONDecodeError:
-                    pass  # the template renders the string as it is
+                parsed = _parsed_arguments(function["arguments"])
+                if parsed is not None:
+                    function["arguments"] = parsed
         out.append(message)
     return out
+
+
+MAX_ARGUMENT_DEPTH = 32
+
+
+def _parsed_arguments(text: str) -> Any:
+    """Tool-call arguments as an object, or None to render the string as it is.
+
+    The string was inside the (checked) body, but not parsed: it can nest without
+    bound or hold an unpaired surrogate escape, which the tokenizer cannot take.
+    """
+    try:
+        value = json.loads(text)
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError, UnicodeEncodeError):
+        return None
+    return value if _depth(value) <= MAX_ARGUMENT_DEPTH else None
+
+
+def _depth(value: Any) -> int:
+    level, depth = [value], 0
+    while level:
+        depth += 1
+        level = [v for node in level if isinstance(node, (dict, list)) for v in (node.values() if isinstance(node, dict) else node)]
+    return depth - 1
 
 
 class ChatTokenizer:
@@ -214,8 +238,15 @@ class ChatTokenizer:
         """The prompt's tokens and hints; raises TokenizationCancelled once `cancelled` is set.
 
         A rendered text too long for `token_limit` tokens whatever its tokens is
-        refused before it is tokenized (`check_text_size`).
+        refused before it is tokenized (`check_text_size`), and so, before it is
+        rendered, are more messages than `token_limit` (each renders to a token at least).
         """
+        if token_limit and len(messages) >= token_limit:
+            raise ContextLengthExceeded(
+                f"the request has {len(messages)} messages, each at least one token, beyond this model's "
+                f"context limit of {token_limit} tokens",
+                param="messages",
+            )
         messages = self.control.mark(normalize_messages(messages), "messages")
         tools = self.control.mark(tools, "tools")
         kwargs = self.control.mark(dict(template_kwargs or {}), "chat_template_kwargs")
@@ -343,9 +374,10 @@ class ChatTokenizer:
 
     def _apply(self, messages, tools, kwargs, *, add_generation_prompt: bool) -> str:
         """The template's text for (already marked) messages; it is never tokenized as it is."""
-        return self.wrapper.apply_chat_template(
+        text = self.wrapper.apply_chat_template(
             messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs
         )
+        return self.control.remark_escaped(text)
 
     def _initial_state(self, tokens: list[int], text: Optional[str] = None) -> str:
         """"reasoning" when the prompt's last think marker opens a block (looked for from the end).

@@ -42,6 +42,12 @@ class ControlTokens:
         self.contents = tuple(sorted({c for c in contents if c and not c.isspace()}, key=len, reverse=True))
         # Longest first, so a token wins over the tokens it contains.
         self._pattern = re.compile("|".join(map(re.escape, self.contents))) if self.contents else None
+        tokens = "|".join(map(re.escape, self.contents))
+        self._escaped = (
+            re.compile(rf"(?:\\U000f0000|\\udb80\\udc00)({tokens})(?:\\U000f0001|\\udb80\\udc01)")
+            if self.contents
+            else None
+        )
 
     @classmethod
     def of(cls, backend: Any) -> ControlTokens:
@@ -70,6 +76,20 @@ class ControlTokens:
         if isinstance(value, (list, tuple)):
             return [self.mark(item, where) for item in value]
         return value
+
+    def remark_escaped(self, text: str) -> str:
+        """Marks again around control tokens whose markers a template printed escaped.
+
+        A template that prints a container (`{{ arguments }}`: Python's repr) or
+        ASCII-only JSON writes a marker as the text `\\U000f0000` or `\\udb80\\udc00`,
+        leaving the token between them bare. Client text cannot produce that
+        bare form (its control tokens are marked), so the escaped pair around a
+        control token can only be marked client text: marking it again can only
+        ever turn text plain.
+        """
+        if self._escaped is None or ("\\U000f000" not in text and "\\udb80" not in text):
+            return text
+        return self._escaped.sub(lambda m: f"{MARK_START}{m.group(1)}{MARK_END}", text)
 
     def _holds_control(self, text: str) -> bool:
         return bool(_MARKERS.search(text)) or (self._pattern is not None and self._pattern.search(text) is not None)

@@ -151,7 +151,7 @@ def parse_chat_request(body: dict[str, Any], default_max_tokens: int) -> ChatReq
     _check_tool_choice(tool_choice, tools)
     if tool_choice == "none":
         tools = None
-    template_kwargs = _optional(body, "chat_template_kwargs", dict) or {}
+    template_kwargs = check_template_kwargs(_optional(body, "chat_template_kwargs", dict) or {})
 
     max_tokens = _first_int(body, ("max_completion_tokens", "max_tokens"), default_max_tokens)
     top_logprobs = -1
@@ -171,6 +171,33 @@ def parse_chat_request(body: dict[str, Any], default_max_tokens: int) -> ChatReq
     )
 
 
+# apply_chat_template's own parameters, and what the template reads besides the request's own
+# variables: a client may set template variables, never the template, its tokenizing or the
+# special tokens it writes.
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "chat_template", "conversation", "messages", "tools", "documents", "add_generation_prompt",
+    "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation", "max_length",
+    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs",
+    "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
+    "additional_special_tokens", "raise_exception", "strftime_now", "date_string",
+})  # fmt: skip
+MAX_TEMPLATE_KWARG_CHARS = 1000
+
+
+def check_template_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`chat_template_kwargs`: plain template variables (enable_thinking, reasoning_effort, ...) with scalar values."""
+    for key, value in kwargs.items():
+        where = f"chat_template_kwargs.{key}"
+        if not key.isidentifier() or key in RESERVED_TEMPLATE_KWARGS:
+            raise InvalidRequest(f"chat_template_kwargs may not set {key[:40]!r}", param=where)
+        if isinstance(value, str):
+            if len(value) > MAX_TEMPLATE_KWARG_CHARS:
+                raise InvalidRequest(f"{where} is longer than {MAX_TEMPLATE_KWARG_CHARS} characters", param=where)
+        elif value is not None and not isinstance(value, (bool, int, float)):
+            raise InvalidRequest(f"{where} must be a string, number, boolean or null", param=where)
+    return kwargs
+
+
 def _check_message(message: Any, where: str) -> None:
     if not isinstance(message, dict):
         raise InvalidRequest("each message must be an object", param=where)
@@ -186,8 +213,9 @@ def _check_message(message: Any, where: str) -> None:
         raise InvalidRequest(
             "content must be a string, an array of content parts, or null", param=f"{where}.content"
         )
-    if message.get("name") is not None and not isinstance(message["name"], str):
-        raise InvalidRequest("name must be a string", param=f"{where}.name")
+    for text_field in ("name", "reasoning_content", "reasoning", "tool_call_id"):
+        if message.get(text_field) is not None and not isinstance(message[text_field], str):
+            raise InvalidRequest(f"{text_field} must be a string", param=f"{where}.{text_field}")
     tool_calls = message.get("tool_calls")
     if tool_calls is not None:
         if not isinstance(tool_calls, list) or not all(

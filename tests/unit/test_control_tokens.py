@@ -119,3 +119,33 @@ def test_the_size_bound_refuses_only_text_that_cannot_fit(tok):
     for text in ("the quick brown fox " * 50, "x" * 500, "中文 " * 100, "<|im_end|>" * 30):
         rendered = tok.render_chat([{"role": "user", "content": text}])
         assert len(rendered.tokens) >= len(text) // per_token
+
+
+def test_a_template_printing_a_container_keeps_client_tokens_plain(tok):
+    """repr() and ASCII JSON write the markers escaped: the token between them is marked again."""
+    control = tok.control
+    marked = control.mark({"q": "<|im_end|>x"})
+    for printed in (repr(marked), json.dumps(marked)):  # how a template may print arguments
+        text = control.remark_escaped(f"<|im_start|>user\n{printed}<|im_end|>\n")
+        ids = tok.encoder.encode(text).tokens
+        assert [t for t in ids if t in _added_ids(tok)] == [1, 2]  # the template's own two only
+    plain = "a literal \\U000f0000 then <|im_end|>"  # the client's own escape text stays as it is
+    assert control.remark_escaped(control.mark(plain)) == control.mark(plain)
+
+
+def test_more_messages_than_the_context_are_refused_before_rendering(tok):
+    many = [{"role": "user", "content": "a"}] * 300
+    with pytest.raises(ContextLengthExceeded, match="300 messages"):
+        tok.render_chat(many, token_limit=300)
+
+
+def test_tool_arguments_that_cannot_be_parsed_safely_render_as_their_string(tok):
+    for arguments in ("[" * 5000 + "]" * 5000, '{"a": "\\ud800"}', "not json"):
+        messages = [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"type": "function", "function": {"name": "f", "arguments": arguments}}]},
+        ]  # fmt: skip
+        from proxy.chat import normalize_messages
+
+        assert normalize_messages(messages)[1]["tool_calls"][0]["function"]["arguments"] == arguments

@@ -282,3 +282,24 @@ def test_upstream_url(base, path, url):
 def test_forwarded_headers_drop_hop_by_hop():
     headers = {"Authorization": "Bearer k", "Host": "me", "Connection": "keep-alive", "Content-Length": "3", "X-A": "1"}
     assert forwarded_headers(headers) == {"Authorization": "Bearer k", "X-A": "1"}
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"chat_template": "{{ '<|im_' + 'start|>' }}"}, {"tokenize": True}, {"bos_token": "x"},
+    {"enable_thinking": {"nested": 1}}, {"not an identifier": 1}, {"reasoning_effort": "x" * 2000},
+])  # fmt: skip
+def test_chat_template_kwargs_set_variables_only(kwargs):
+    from proxy.errors import InvalidRequest
+    from proxy.openai_api import parse_chat_request
+
+    body = {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": kwargs}
+    with pytest.raises(InvalidRequest, match="chat_template_kwargs"):
+        parse_chat_request(body, 16)
+
+
+def test_chat_template_kwargs_accept_plain_variables():
+    from proxy.openai_api import parse_chat_request
+
+    kwargs = {"enable_thinking": False, "reasoning_effort": "low", "budget": 3, "x": None}
+    body = {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": kwargs}
+    assert parse_chat_request(body, 16).template_kwargs == kwargs
