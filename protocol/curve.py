@@ -40,16 +40,23 @@ class KeyFileError(ValueError):
 
 
 def is_loopback_endpoint(endpoint: str) -> bool:
-    """True for `ipc://` and for `tcp://` on a loopback address (127.0.0.0/8, ::1, localhost)."""
+    """True for `ipc://`, `inproc://` and `tcp://` on a loopback address (127.0.0.0/8, ::1, localhost).
+
+    Every other transport ZeroMQ may offer (ws, wss, tipc, udp, vmci, ...) counts as reachable.
+    """
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True  # never leave the machine
     if not endpoint.startswith("tcp://"):
-        return True  # ipc:// (and inproc://) never leave the machine
+        return False
     host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
+    if host.lower() == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False  # '*', an interface name or a host name: may be reachable from elsewhere
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 # ----------------------------------------------------------------- key files

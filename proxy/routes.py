@@ -272,7 +272,8 @@ def _worker_health(
         "local": served.process is not None,
         "queue": {"waiting": served.queue.waiting, "running": served.queue.running_count, "max_waiting": served.queue.max_waiting},
         "seconds_since_heartbeat": round(silence, 3),
-        "running_requests": list(stats.running_requests) if stats else [],
+        # A count, not the ids: /health is open, and ids would show other clients' traffic.
+        "running_requests": len(stats.running_requests) if stats else 0,
         "restarts": served.restarts,
     }
     if hello is not None:

@@ -184,9 +184,11 @@ class WorkerClient:
                     f"worker for {self.name} exited with code {exit_watch.result()} during start-up"
                 )
             else:
+                # A worker serving another proxy says nothing to this one (it answers strangers nothing).
                 raise WorkerStartError(
-                    f"worker for {self.name} at {self.endpoint} did not answer the handshake "
-                    f"within {timeout:.0f}s"
+                    f"worker for {self.name} at {self.endpoint} did not complete the handshake "
+                    f"within {timeout:.0f}s: it is not up yet, or it is serving another proxy "
+                    "(a worker serves one proxy at a time)"
                 )
         finally:
             for task in (handshake, refusal, resend):  # never `exit_watch`: it is the supervisor's own task

@@ -27,7 +27,9 @@ from proxy.serve import with_link_keys
     [("tcp://127.0.0.1:5555", True), ("tcp://127.3.2.1:1", True), ("tcp://localhost:5555", True),
      ("tcp://[::1]:5555", True), ("ipc:///tmp/w.sock", True), ("tcp://0.0.0.0:5555", False),
      ("tcp://*:5555", False), ("tcp://10.0.0.5:5555", False), ("tcp://eth0:5555", False),
-     ("tcp://worker.example:5555", False)],
+     ("tcp://worker.example:5555", False), ("tcp://LOCALHOST:1", True), ("tcp://[::ffff:127.0.0.1]:1", True),
+     ("inproc://w", True), ("ws://0.0.0.0:5555", False), ("wss://127.0.0.1:1", False), ("tipc://{5560,0,0}", False),
+     ("udp://0.0.0.0:1", False)],
 )  # fmt: skip
 def test_loopback_endpoints(endpoint, loopback):
     assert is_loopback_endpoint(endpoint) is loopback

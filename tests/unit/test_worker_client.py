@@ -118,7 +118,7 @@ async def test_worker_exit_during_start_is_reported(zmq_context, router):
 async def test_handshake_timeout(zmq_context, router):
     _, endpoint = router
     client = make_client(zmq_context, endpoint)
-    with pytest.raises(WorkerStartError, match="did not answer"):
+    with pytest.raises(WorkerStartError, match="did not complete the handshake"):
         await client.connect(timeout=0.1)
     await client.close(shutdown=False)
 
