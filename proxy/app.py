@@ -147,7 +147,7 @@ async def workers(app: web.Application) -> AsyncIterator[None]:
     try:
         if failures:
             raise failures[0]
-        app[REGISTRY] = ModelRegistry(served)
+        app[REGISTRY] = ModelRegistry(served, config.default_model)
         yield
     finally:
         await asyncio.gather(*(close_served_model(s, config) for s in served), return_exceptions=True)
