@@ -28,6 +28,7 @@ from proxy.routes import GENERATION_ENTERED, MODEL_ID, add_routes
 from proxy.served_model import ModelRegistry, ServedModel, close_served_model, open_served_model
 from proxy.state import CONFIG, LIFECYCLE, METRICS, REGISTRY, UPSTREAM_SESSION, Lifecycle
 from proxy.supervisor import ipc_endpoint, remove_socket_dir, socket_dir
+from proxy.tokenize_routes import add_tokenize_routes
 from proxy.upstream import new_session
 
 log = logging.getLogger("mlx_cache_proxy")
@@ -53,6 +54,7 @@ def create_app(config: ProxyConfig) -> web.Application:
     app.on_shutdown.append(stop_accepting)
     add_routes(app)
     add_anthropic_routes(app)
+    add_tokenize_routes(app)
     return app
 
 
@@ -147,7 +149,7 @@ async def workers(app: web.Application) -> AsyncIterator[None]:
     try:
         if failures:
             raise failures[0]
-        app[REGISTRY] = ModelRegistry(served)
+        app[REGISTRY] = ModelRegistry(served, config.default_model)
         yield
     finally:
         await asyncio.gather(*(close_served_model(s, config) for s in served), return_exceptions=True)

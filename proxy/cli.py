@@ -15,6 +15,8 @@ commands:
   worker       run one MLX worker process (normally started by `serve`)
   make-model   write a tiny real mlx-lm model directory (random weights)
   keys         write CURVE key pairs for a secure link to a remote worker
+
+  --version    print the versions of this package, mlx and mlx-lm
 """
 
 
@@ -23,6 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if args else 2
+    if args[0] == "--version":
+        from proxy.version import version_text
+
+        print(version_text())
+        return 0
     command, rest = args[0], args[1:]
     if command == "serve":
         from proxy.serve import main as run

@@ -20,6 +20,13 @@ DEFAULT_MODEL_ALIAS = "default_model"
 
 GIB = 1024**3
 
+# An alias holding one of these is an fnmatch pattern (`claude-*`), not a name.
+NAME_PATTERN_CHARS = "*?["
+
+
+def is_name_pattern(name: str) -> bool:
+    return any(c in name for c in NAME_PATTERN_CHARS)
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -28,7 +35,7 @@ class ModelSpec:
     model_id: str  # exactly as given with --model (or --worker NAME=...)
     path: Optional[Path]  # local model directory: tokenizer, and a local worker's --model
     endpoint: Optional[str] = None  # a worker already running elsewhere; None: start one
-    aliases: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()  # other names, or fnmatch patterns (`claude-*`), it answers to
     link_keys: Optional["ClientKeys"] = None  # CURVE to a remote worker: our key pair and its public key
 
 
@@ -54,6 +61,7 @@ class WorkerOptions:
     log_level: str = "info"
     log_format: str = "text"
     log_file: str = ""  # workers log here too, so one rotated file holds everything
+    stderr_level: str = ""  # "": log_level
     restart_backoff: float = 0.5  # before the first restart of a dead worker; doubles per failed attempt
     restart_backoff_max: float = 30.0  # the back-off's cap
     restart_backoff_reset: float = 60.0  # a worker up this long starts the back-off over when it dies
@@ -67,6 +75,7 @@ class ProxyConfig:
     port: int = 8080
     max_queue: int = 32  # waiting requests per worker (the running one not counted)
     upstream: Optional[str] = None
+    default_model: Optional[str] = None  # serves requests for unknown model names; None: they get 404
     worker: WorkerOptions = field(default_factory=WorkerOptions)
     default_max_tokens: int = 512
     keepalive_interval: float = 5.0  # SSE comment while nothing else is sent

@@ -1,8 +1,9 @@
 """Log set-up for `serve`: level, text or JSON lines, stderr and optionally a file.
 
 The file handler reopens its file when it was renamed or removed (newsyslog,
-logrotate), so rotation needs no signal. With a log file, stderr gets only
-warnings and errors: under launchd stderr is itself a file nobody rotates.
+logrotate), so rotation needs no signal. stderr gets the same lines as the file
+unless `stderr_level` says otherwise: the LaunchAgent sets warning, since under
+launchd stderr is itself a file nothing reopens.
 """
 
 from __future__ import annotations
@@ -34,12 +35,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
-def setup_logging(level: str, fmt: str, log_file: str, text_format: str = TEXT_FORMAT) -> None:
+def setup_logging(
+    level: str, fmt: str, log_file: str, text_format: str = TEXT_FORMAT, stderr_level: str = ""
+) -> None:
+    """Lines at `level` and above to stderr and `log_file`; stderr alone can be raised to `stderr_level`."""
     formatter = JsonFormatter() if fmt == "json" else logging.Formatter(text_format)
     stderr = logging.StreamHandler(sys.stderr)
+    if stderr_level:
+        stderr.setLevel(stderr_level.upper())
     handlers: list[logging.Handler] = [stderr]
     if log_file:
-        stderr.setLevel(logging.WARNING)
         handlers.append(logging.handlers.WatchedFileHandler(log_file))
     root = logging.getLogger()
     for handler in list(root.handlers):

@@ -4,7 +4,8 @@ Names start with `mlx_cache_proxy_`, use base units, counters end in `_total`,
 and everything is labelled by model. Request figures are observed here as each
 request ends; worker figures (pool, memory, disk) come from the workers' latest
 ZeroMQ heartbeat through a collector that runs at scrape time: nothing scrapes
-the worker itself.
+the worker itself. `build_info` names the versions running; `process_*` are the
+proxy process's own (Prometheus' standard names, `proxy.process_metrics`).
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from protocol.messages import CacheFacts, MemoryStats, PoolStats, RestoreKind, Timings
+from proxy.process_metrics import register_process_metrics
 from proxy.request_log import RequestRecord
+from proxy.version import versions
 
 PREFIX = "mlx_cache_proxy"
 
@@ -53,6 +56,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        build = versions()
+        Gauge(f"{PREFIX}_build_info", "Always 1; the labels name the versions running", list(build),
+              registry=r).labels(**build).set(1)  # fmt: skip
+        register_process_metrics(r)
         self.requests = Counter(
             f"{PREFIX}_requests", "Requests answered, by HTTP status and finish reason",
             ["model", "status", "finish_reason"], registry=r,

@@ -13,7 +13,18 @@ log = logging.getLogger("mlx_cache_proxy")
 
 
 class ModelSourceError(RuntimeError):
-    """The model is neither a local directory nor a resolvable HF repo."""
+    """The model is neither a local directory nor a resolvable HF repo, or not a model."""
+
+
+def check_model_dir(path: Path, model: str) -> Path:
+    """`path` when it holds a loadable model, else ModelSourceError naming what is missing."""
+    from worker.model_files import NotAModelDirectory
+    from worker.model_files import check_model_dir as check
+
+    try:
+        return check(path, model)
+    except NotAModelDirectory as exc:
+        raise ModelSourceError(str(exc)) from None
 
 
 def resolve_model_path(model: str, *, download: bool = False) -> Path:

@@ -9,6 +9,7 @@ A value that does not parse is a start-up error naming where it came from.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -51,26 +52,42 @@ class Option:
 # ----------------------------------------------------------------- parsers
 
 
-def _number(kind: type, low: float) -> Callable[[Any], Any]:
-    """A parser of int or float values at least `low` (a TOML true is not a 1)."""
+def _number(kind: type, low: float, high: Optional[float] = None) -> Callable[[Any], Any]:
+    """A parser of finite int or float values in [low, high] (a TOML true is not a 1, nor 2.5 an int)."""
 
     def parse(value: Any) -> Any:
         if isinstance(value, bool):
             raise ValueError(f"expected a number, got {value!r}")
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"expected a whole number, got {value!r}")
         number = kind(value)
+        if not math.isfinite(number):
+            raise ValueError(f"expected a finite number, got {value!r}")
         if number < low:
             raise ValueError(f"must be at least {low}, got {number}")
+        if high is not None and number > high:
+            raise ValueError(f"must be at most {high}, got {number}")
         return number
 
     return parse
 
 
-def _int(low: int) -> Callable[[Any], int]:
-    return _number(int, low)
+def _int(low: int, high: Optional[int] = None) -> Callable[[Any], int]:
+    return _number(int, low, high)
 
 
-def _float(low: float) -> Callable[[Any], float]:
-    return _number(float, low)
+def _float(low: float, high: Optional[float] = None) -> Callable[[Any], float]:
+    return _number(float, low, high)
+
+
+def _size_at_least(low: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        size = _size(value)
+        if size < low:
+            raise ValueError(f"must be at least {low} bytes, got {size}")
+        return size
+
+    return parse
 
 
 def _size(value: Any) -> int:
@@ -125,11 +142,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("curve_secret_key", _str, "", "this proxy's CURVE key pair (proxy.key_secret), used with "
            "--worker-public-key; workers admit its public half (proxy.key)", "FILE"),
     Option("host", _str, "127.0.0.1", "address to listen on"),
-    Option("port", _int(0), 8080, "port to listen on"),
+    Option("port", _int(0, 65535), 8080, "port to listen on; 0: any free port (logged). A port in use exits "
+           "with code 3 before any model loads"),
     Option("max_queue", _int(0), 32, "requests that may wait per worker; more get 429", "N"),
     # The default is the worker's (worker/main.py DEFAULT_MAX_BATCH); the proxy only forwards a choice.
     Option("max_batch", _int(1), None, "requests each local worker runs at once, their decode steps batched; "
            "1: one at a time (worker default: 8). A remote worker's own setting applies", "N"),
+    Option("alias", _str, [], "another name for a served model (repeatable); NAME may be a pattern with * ? [...], "
+           "e.g. 'claude-*=MODEL' (an exact name beats a pattern, a longer pattern a shorter one)", "NAME=MODEL",
+           repeat=True),
+    Option("default_model", _str, "", "serve requests for a model no name or alias matches with this served "
+           "model; default: they get 404 (or go to --upstream)", "MODEL"),
     Option("upstream", _str, None, "forward requests for models served nowhere here to this server", "URL"),
     Option("cache_bytes", _size, None, "checkpoint pool size per worker, e.g. 512M, 48G (worker default: "
            "75%% of the memory its model leaves under its memory limit)", "BYTES"),
@@ -144,7 +167,7 @@ OPTIONS: tuple[Option, ...] = (
            "recommended working set (else 90%% of RAM). Requests that cannot fit get 503", "BYTES"),
     Option("max_kv_size", _int(0), 0, "cap on prompt + max_tokens per request; 0: the model's context limit", "N"),
     Option("max_tokens", _int(1), 512, "max_tokens of a request that gives none", "N"),
-    Option("max_body_bytes", _size, 16 * 1024**2, "largest request body accepted", "BYTES"),
+    Option("max_body_bytes", _size_at_least(1024), 16 * 1024**2, "largest request body accepted", "BYTES"),
     Option("shutdown_timeout", _float(0), 30.0, "on SIGTERM, how long running requests may take to finish",
            "SECONDS"),
     Option("heartbeat_timeout", _float(2.0), 60.0, "a worker silent this long counts as dead "
@@ -170,6 +193,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("log_format", _choice("text", "json"), "text", "log line format"),
     Option("log_file", _str, "", "also log to this file (reopened when rotated away); default: stderr only",
            "PATH"),
+    Option("stderr_level", _choice("debug", "info", "warning", "error"), "", "log level of stderr; default: "
+           "--log-level (the LaunchAgent sets warning: its stderr file is never reopened)"),
 )
 
 BY_NAME = {o.name: o for o in OPTIONS}
@@ -187,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Precedence: flag, then environment, then file, then default.",
     )
     parser.add_argument("--config", metavar="FILE.toml", help="read options from this TOML file")
+    parser.add_argument("--version", action=_VersionAction, help="print the versions of this package, mlx and mlx-lm")
     for option in OPTIONS:
         default = "" if option.default in (None, "", [], False) else f" (default: {_shown(option.default)})"
         help_text = f"{option.help}{default} [env {option.env}]"
@@ -197,6 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             parser.add_argument(option.dashed, default=None, metavar=option.metavar, help=help_text)
     return parser
+
+
+class _VersionAction(argparse.Action):
+    """argparse's "version" action, with the text read only when asked for."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: Optional[str] = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from proxy.version import version_text
+
+        print(version_text())
+        parser.exit()
 
 
 def _shown(value: Any) -> str:

@@ -55,7 +55,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return web.json_response(api.model_list(request.app[REGISTRY].ids(), STARTED))
+    return web.json_response(api.model_list(request.app[REGISTRY].listed_names(), STARTED))
 
 
 async def get_model(request: web.Request) -> web.Response:

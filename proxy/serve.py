@@ -1,5 +1,9 @@
 """`mlx-cache-proxy serve`: the OpenAI-compatible proxy and its workers.
 
+Exit codes: 0 after a stop, 1 when a worker cannot start, 2 for a configuration
+error (options, models, an address that cannot be used), 3 when the port is in
+use (checked first, before any model is resolved or loaded).
+
 SIGTERM/SIGINT only ask aiohttp's loop to stop; the shutdown itself is the
 app's: stop listening, let running requests finish (bounded by
 --shutdown-timeout), stop the workers, exit 0.
@@ -12,7 +16,15 @@ import logging
 import sys
 from typing import Optional
 
-from proxy.config import DEFAULT_MODEL_ALIAS, DEFAULT_MODEL_ID, ModelSpec, ProxyConfig, WorkerOptions
+from proxy.config import (
+    DEFAULT_MODEL_ALIAS,
+    DEFAULT_MODEL_ID,
+    ModelSpec,
+    ProxyConfig,
+    WorkerOptions,
+    is_name_pattern,
+)
+from proxy.listener import EXIT_PORT_IN_USE, ListenError, ListenOptions, bind_sockets, run_app
 from proxy.logs import setup_logging
 from proxy.options import OptionError, default_cache_dir, resolve
 
@@ -22,13 +34,13 @@ log = logging.getLogger("mlx_cache_proxy")
 WORKER_SAVE_TIMEOUT_S = 140.0
 
 
-def model_specs(models: list[str], workers: list[str]) -> tuple[ModelSpec, ...]:
-    """Resolve --model and --worker values; the first model also answers to 'default_model'."""
-    from proxy.model_source import ModelSourceError, resolve_model_path
+def model_specs(models: list[str], workers: list[str], aliases: list[str] = ()) -> tuple[ModelSpec, ...]:
+    """Resolve --model, --worker and --alias values; the first model also answers to 'default_model'."""
+    from proxy.model_source import ModelSourceError, check_model_dir, resolve_model_path
 
     specs: list[ModelSpec] = []
     for model in models:
-        specs.append(ModelSpec(model_id=model, path=resolve_model_path(model, download=True)))
+        specs.append(ModelSpec(model_id=model, path=check_model_dir(resolve_model_path(model, download=True), model)))
     for item in workers:
         name, sep, endpoint = item.partition("=")
         if not sep or not name or not endpoint.startswith(("tcp://", "ipc://")):
@@ -46,10 +58,40 @@ def model_specs(models: list[str], workers: list[str]) -> tuple[ModelSpec, ...]:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(f"model names given twice: {', '.join(duplicates)}")
+    specs = with_aliases(specs, aliases)
     first = specs[0]
-    if DEFAULT_MODEL_ALIAS not in names:
+    if not any(DEFAULT_MODEL_ALIAS in (s.model_id, *s.aliases) for s in specs):
         specs[0] = dataclasses.replace(first, aliases=(*first.aliases, DEFAULT_MODEL_ALIAS))
     return tuple(specs)
+
+
+def with_aliases(specs: list[ModelSpec], aliases: list[str]) -> list[ModelSpec]:
+    """Each --alias NAME=MODEL added to the spec of MODEL (a --model or --worker name)."""
+    by_id = {s.model_id: [] for s in specs}
+    for item in aliases:
+        name, sep, model = item.partition("=")
+        if not sep or not name or not model:
+            raise ValueError(f"--alias {item!r}: expected NAME=MODEL, e.g. 'claude-*=MODEL'")
+        if model not in by_id:
+            raise ValueError(f"--alias {item!r}: {model!r} is not a served model (served: {', '.join(by_id)})")
+        if name in by_id:
+            raise ValueError(f"--alias {item!r}: {name!r} is already a served model's name")
+        if any(name in names for names in by_id.values()):
+            raise ValueError(f"--alias {item!r}: the name {name!r} is given twice")
+        by_id[model].append(name)
+    return [dataclasses.replace(s, aliases=(*s.aliases, *by_id[s.model_id])) for s in specs]
+
+
+def default_model(specs: tuple[ModelSpec, ...], name: str, upstream: Optional[str]) -> Optional[str]:
+    """The --default-model value, checked: a served model's name or exact alias."""
+    if not name:
+        return None
+    if upstream:
+        raise ValueError("--default-model and --upstream both take requests for unknown models: give one")
+    if not any(name == s.model_id or name in s.aliases for s in specs) or is_name_pattern(name):
+        served = ", ".join(s.model_id for s in specs)
+        raise ValueError(f"--default-model {name!r} is not a served model or alias (served: {served})")
+    return name
 
 
 def with_link_keys(specs: tuple[ModelSpec, ...], public_keys: list[str], secret_key: str) -> tuple[ModelSpec, ...]:
@@ -91,14 +133,18 @@ def config_from_options(values: dict) -> ProxyConfig:
     cache_dir = "" if values["no_cache"] or values["disk_cache_bytes"] == 0 else (
         values["cache_dir"] or default_cache_dir()
     )
+    models = with_link_keys(
+        model_specs(values["model"], values["worker"], values["alias"]),
+        values["worker_public_key"],
+        values["curve_secret_key"],
+    )
     return ProxyConfig(
-        models=with_link_keys(
-            model_specs(values["model"], values["worker"]), values["worker_public_key"], values["curve_secret_key"]
-        ),
+        models=models,
         host=values["host"],
         port=values["port"],
         max_queue=values["max_queue"],
         upstream=values["upstream"].rstrip("/") if values["upstream"] else None,
+        default_model=default_model(models, values["default_model"], values["upstream"]),
         worker=WorkerOptions(
             cache_bytes=values["cache_bytes"],
             checkpoint_interval=values["checkpoint_interval"],
@@ -115,6 +161,7 @@ def config_from_options(values: dict) -> ProxyConfig:
             log_level=values["log_level"],
             log_format=values["log_format"],
             log_file=values["log_file"],
+            stderr_level=values["stderr_level"],
             # A worker writes its pool to the disk tier as it stops: give it the time.
             stop_timeout=WORKER_SAVE_TIMEOUT_S if cache_dir else WorkerOptions.stop_timeout,
         ),
@@ -153,7 +200,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except OptionError as exc:
         print(f"mlx-cache-proxy serve: {exc}", file=sys.stderr)
         return 2
-    setup_logging(values["log_level"], values["log_format"], values["log_file"])
+    setup_logging(values["log_level"], values["log_format"], values["log_file"], stderr_level=values["stderr_level"])
+    try:  # first: a port in use must not cost a model download or load (nor, under launchd, a reload loop)
+        sockets = bind_sockets(values["host"], values["port"])
+    except ListenError as exc:
+        print(f"mlx-cache-proxy serve: {exc}", file=sys.stderr)
+        return EXIT_PORT_IN_USE if exc.in_use else 2
     try:
         config = config_from_options(values)
     except (ModelSourceError, ValueError) as exc:
@@ -161,12 +213,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
 
     from proxy.app import create_app
-    from proxy.listener import ListenOptions, run_app
     from proxy.worker_client import WorkerStartError
 
     try:
         run_app(create_app(config), ListenOptions(
-            config.host, config.port, config.max_connections, config.idle_timeout, config.shutdown_timeout))
+            config.host, config.port, config.max_connections, config.idle_timeout, config.shutdown_timeout), sockets)
+    except ListenError as exc:
+        log.error("%s", exc)
+        return EXIT_PORT_IN_USE if exc.in_use else 2
     except WorkerStartError as exc:
         log.error("%s", exc)
         return 1

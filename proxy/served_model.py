@@ -10,6 +10,7 @@ go on. `ModelRegistry` maps request `model` names, aliases included, to them.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import functools
 import logging
 import threading
@@ -21,7 +22,7 @@ from typing import Any, Callable, Coroutine, Optional, TypeVar
 import zmq.asyncio
 
 from proxy.chat import ChatTokenizer
-from proxy.config import ModelSpec, ProxyConfig
+from proxy.config import DEFAULT_MODEL_ALIAS, ModelSpec, ProxyConfig, is_name_pattern
 from proxy.errors import ShuttingDown
 from proxy.request_queue import RequestQueue
 from proxy.supervisor import WorkerProcess, WorkerState, WorkerSupervisor
@@ -165,20 +166,43 @@ async def close_served_model(served: ServedModel, config: ProxyConfig) -> None:
 
 
 class ModelRegistry:
-    """Request `model` names -> served models. The first model is the default."""
+    """Request `model` names -> served models. The first model is the default.
 
-    def __init__(self, models: list[ServedModel]) -> None:
+    A name is looked up as a model id or exact alias first, then against the alias
+    patterns (`claude-*`), the longest pattern first; a name nothing matches goes to
+    `default_model` when one is set, else it is unknown (None).
+    """
+
+    def __init__(self, models: list[ServedModel], default_model: Optional[str] = None) -> None:
         self.models = list(models)
         self._by_name: dict[str, ServedModel] = {}
+        patterns: list[tuple[str, ServedModel]] = []
         for served in self.models:
-            for name in (served.spec.model_id, *served.spec.aliases):
-                self._by_name.setdefault(name, served)
+            self._by_name.setdefault(served.spec.model_id, served)
+            for name in served.spec.aliases:
+                if is_name_pattern(name):
+                    patterns.append((name, served))
+                else:
+                    self._by_name.setdefault(name, served)
+        self._patterns = sorted(patterns, key=lambda pattern: -len(pattern[0]))  # stable: ties keep their order
+        self._fallback = self._by_name.get(default_model) if default_model else None
 
     def lookup(self, name: Optional[str]) -> Optional[ServedModel]:
-        """The model serving `name`; no name means the default model."""
+        """The model serving `name`; no name means the first model."""
         if name is None or name == "":
             return self.models[0] if self.models else None
-        return self._by_name.get(name)
+        served = self._by_name.get(name)
+        if served is None:
+            served = next((s for pattern, s in self._patterns if fnmatch.fnmatchcase(name, pattern)), None)
+        return served if served is not None else self._fallback
 
     def ids(self) -> list[str]:
         return [served.model_id for served in self.models]
+
+    def listed_names(self) -> list[str]:
+        """What /v1/models lists: every model id, then the exact --alias names (patterns cannot be listed)."""
+        aliases = [
+            name for served in self.models for name in served.spec.aliases
+            if not is_name_pattern(name) and name != DEFAULT_MODEL_ALIAS and self._by_name.get(name) is served
+        ]  # fmt: skip
+        return self.ids() + [name for name in aliases if name not in self.ids()]

@@ -83,6 +83,8 @@ def worker_argv(spec: ModelSpec, options: WorkerOptions, endpoint: str) -> list[
     argv += ["--log-level", options.log_level, "--log-format", options.log_format]
     if options.log_file:
         argv += ["--log-file", options.log_file]
+    if options.stderr_level:
+        argv += ["--stderr-level", options.stderr_level]
     return argv
 
 

@@ -399,7 +399,9 @@ def _context_limit(config: dict) -> int:
 def load_engine(model_path: str, config: EngineConfig, model_id: str | None = None) -> Engine:
     from mlx_lm.utils import _download, load_model
 
-    path = _download(model_path)
+    from worker.model_files import check_model_dir
+
+    path = check_model_dir(Path(_download(model_path)), model_path)
     model, model_config = load_model(path)
     vocab_size = int(model_config.get("vocab_size") or (model_config.get("text_config") or {}).get("vocab_size") or 0)
     if vocab_size <= 0:

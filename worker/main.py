@@ -47,6 +47,7 @@ from worker.io_loop import SHUTDOWN_LINGER_MS, Close, IOLoop, Outbox, Ready, Req
 from worker.engine import ContextLengthExceeded
 from worker.step_loop import StepLoop
 from worker.memory import apply_memory_limit, memory_stats
+from worker.model_files import NotAModelDirectory
 
 log = logging.getLogger("mlx_cache_proxy.worker")
 
@@ -139,6 +140,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--log-format", default="text", choices=["text", "json"])
     parser.add_argument("--log-file", default=None, help="also log to this file (reopened after rotation)")
+    parser.add_argument("--stderr-level", default="", type=str.upper, choices=["", "DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log level of stderr (default: --log-level)")
     return parser.parse_args(argv)
 
 
@@ -186,7 +189,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from proxy.logs import setup_logging
 
     text_format = f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(message)s"
-    setup_logging(args.log_level, args.log_format, args.log_file or "", text_format)
+    setup_logging(args.log_level, args.log_format, args.log_file or "", text_format, args.stderr_level)
     stop = StopFlag()
     install_signal_handlers(stop)
 
@@ -214,8 +217,8 @@ def _run(args, io: IOLoop, inbox, outbox: Outbox, book: RequestBook, stop: StopF
 
     try:
         engine = load_engine(args.model, engine_config(args), model_id=args.model_id)
-    except CacheDirLocked as exc:
-        log.error("%s", exc)  # one line: the cause is another process, not a bug here
+    except (CacheDirLocked, NotAModelDirectory) as exc:
+        log.error("%s", exc)  # one line: the cause is another process or the directory, not a bug here
         outbox.put(Error(ErrorCode.INTERNAL, str(exc)))
         outbox.put(Close(SHUTDOWN_LINGER_MS))
         return 1

@@ -58,6 +58,8 @@ log = logging.getLogger("mlx_cache_proxy.worker")
 
 # A request waits for a running prefill only when that saves at least this many tokens.
 MIN_JOIN_TOKENS = 64
+# A long prefill says how far it is at most this often (one INFO line), so its minutes are not silent.
+PREFILL_LOG_INTERVAL_S = 5.0
 
 
 class Phase(str, Enum):
@@ -89,6 +91,8 @@ class Running:
     batch_sum: int = 0
     batch_max: int = 1
     waiting_for: Optional["Running"] = None
+    prefill_from: int = 0  # the restore point: where prefilling began
+    progress_logged_at: float = 0.0
 
     @property
     def prompt(self) -> list[int]:
@@ -289,6 +293,7 @@ class StepLoop:
             self._begin_decoding(r, plan.logits)
         else:
             r.phase = Phase.PREFILLING
+            r.prefill_from, r.progress_logged_at = r.position, r.admitted_at
             self.prefilling.append(r)
 
     # ------------------------------------------------------------- prefill
@@ -315,6 +320,7 @@ class StepLoop:
         self._take(r, kind, logits if end == n else None)
         r.prefill_s += time.perf_counter() - started
         self.engine.note_prefill(end - pos, time.perf_counter() - started)
+        self._log_progress(r)
         if r.request.progress_every > 0:
             r.emit(Progress(request_id=r.rid, processed=end, total=n))
         if logits is not None:
@@ -325,6 +331,15 @@ class StepLoop:
             self.prefilling.remove(r)
             self._retire_prefill(r, FinishReason.ABORT)
         mx.clear_cache()
+
+    def _log_progress(self, r: Running) -> None:
+        now = time.perf_counter()
+        if r.position >= len(r.prompt) or now - r.progress_logged_at < PREFILL_LOG_INTERVAL_S:
+            return
+        r.progress_logged_at = now
+        done, total = r.position - r.prefill_from, len(r.prompt) - r.prefill_from
+        log.info("request %s: prefilled %d of %d tokens (%.0f tok/s)", r.rid, done, total,
+                 done / max(now - r.admitted_at, 1e-9))  # fmt: skip
 
     def _take(self, r: Running, kind: Optional[RestoreKind], logits: Any) -> None:
         if kind is None or not self.engine.cache_enabled:

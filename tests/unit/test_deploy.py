@@ -78,6 +78,19 @@ def test_plist_has_the_keys_launchd_needs_with_the_right_types():
         assert type(plist[limits]["NumberOfFiles"]) is int
 
 
+def test_a_port_in_use_is_retried_cheaply_and_stderr_stays_small():
+    """Port taken: serve exits 3 before loading anything; KeepAlive retries it once per ThrottleInterval."""
+    from proxy.listener import EXIT_PORT_IN_USE
+    from proxy.options import BY_NAME
+
+    plist = rendered_plist()
+    assert plist["KeepAlive"] is True  # any exit restarts, 3 included: the port frees when the old instance ends
+    assert plist["ThrottleInterval"] >= 10  # one attempt (under a second, no model load) per 10 s at most
+    assert EXIT_PORT_IN_USE == 3 and "code 3" in (DEPLOY / "README.md").read_text()
+    level = plist["EnvironmentVariables"]["MLX_CACHE_PROXY_STDERR_LEVEL"]
+    assert level == "warning" and BY_NAME["stderr_level"].parse(level) == "warning"
+
+
 def test_plist_paths_are_absolute_and_xml_special_characters_survive(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     plist = rendered_plist(venv="venv & <co>", config="conf/config.toml", log_dir="logs", label="org.example.llm")

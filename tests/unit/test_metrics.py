@@ -93,3 +93,17 @@ async def test_health_shows_the_running_requests_and_the_batch_limit():
     assert (health["pool"]["leases"], health["pool"]["pinned_sequences"]) == (2, 1)
     for ticket in tickets:
         ticket.release()
+
+
+def test_build_info_and_process_metrics_are_exported():
+    from proxy.process_metrics import PortableProcessCollector
+    from proxy.version import versions
+
+    metrics = Metrics()
+    assert metrics.registry.get_sample_value("mlx_cache_proxy_build_info", versions()) == 1
+    for name in ("process_cpu_seconds_total", "process_open_fds", "process_start_time_seconds"):
+        assert metrics.registry.get_sample_value(name) is not None, name
+    # the collector macOS gets (no /proc) yields the same names
+    samples = {s.name: s.value for family in PortableProcessCollector().collect() for s in family.samples}
+    assert samples["process_cpu_seconds_total"] > 0 and samples["process_open_fds"] > 0
+    assert abs(samples["process_start_time_seconds"] - time.time()) < 3600
