@@ -89,6 +89,7 @@ class Running:
     batch_sum: int = 0
     batch_max: int = 1
     waiting_for: Optional["Running"] = None
+    grammar: Optional[Callable] = None  # the request's grammar mask (a logits processor), if it has one
 
     @property
     def prompt(self) -> list[int]:
@@ -137,7 +138,8 @@ class StepLoop:
     def submit(self, request: Generate, emit: Callable[[Message], None], should_abort: Callable[[], bool]) -> None:
         """Queue a request; a prompt that can never run raises ValueError (ContextLengthExceeded) here."""
         self.engine.validate(list(request.prompt_tokens), request.sampling)
-        self.waiting.append(Running(request, emit, should_abort, time.perf_counter()))
+        grammar = self.engine.grammar_processor(request.sampling.grammar)  # GrammarError is a ValueError
+        self.waiting.append(Running(request, emit, should_abort, time.perf_counter(), grammar=grammar))
 
     def step(self) -> None:
         with mx.stream(generation_stream):
@@ -348,7 +350,7 @@ class StepLoop:
             self._result(r, FinishReason.LENGTH)
             return
         sampler = self._sampler(sampling)
-        processors = self._processors(sampling)
+        processors = self._processors(sampling) + ([r.grammar] if r.grammar is not None else [])
         row = logits.reshape(1, -1)
         if processors:
             history = mx.array(r.prompt)
