@@ -69,6 +69,20 @@ class RestoreKind(str, Enum):
 # ----------------------------------------------------------------- records
 
 
+class GrammarKind(str, Enum):
+    """The form of a Grammar's text."""
+
+    LLGUIDANCE = "llguidance"  # llguidance's grammar JSON (what its grammar_from_* functions return)
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """What a request's output must match (constrained decoding); the proxy has checked that it compiles."""
+
+    kind: GrammarKind
+    text: str
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Decoding settings, already validated by the proxy."""
@@ -82,6 +96,7 @@ class SamplingParams:
     seed: Optional[int] = None
     stop_token_ids: list[int] = field(default_factory=list)
     top_logprobs: int = -1  # -1: no logprobs; 0: chosen token only; n: also n alternatives
+    grammar: Optional[Grammar] = None  # None: unconstrained
 
 
 @dataclass(frozen=True)

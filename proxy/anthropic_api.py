@@ -10,8 +10,10 @@ into the same queue, worker and pool. The conversion:
   `tool_use` -> tool_calls (the template renders them as the model wrote them);
 - `tools` ({name, description, input_schema}) -> function tools;
 - `tool_choice` auto, any and tool leave the tools in the prompt and parse tool
-  calls (nothing constrains decoding, so any/tool cannot force a call, as
-  chat completions' "required"); none drops them, as chat completions' "none";
+  calls; any and tool force one (decoding is constrained to a call, as chat
+  completions' "required" and named function); none drops them;
+- `output_config.format` (or `output_format`) json_schema constrains the reply
+  to the schema, as chat completions' `response_format`;
 - `thinking` enabled/disabled -> the template's `enable_thinking`.
 
 Usage follows Anthropic's accounting, where the three input counts add up to
@@ -31,6 +33,7 @@ from aiohttp import web
 
 from proxy.errors import ApiError, InvalidRequest, QueueFull
 from proxy.generation import Finished
+from proxy.grammar import anthropic_output_format, forced_tools
 from proxy.namespace import parse_cache_salt
 from proxy.openai_api import MAX_STOP_STRINGS, ChatRequest, GenerationOptions, ResponseIdentity, requested_model
 from proxy.text_output import OutputDelta
@@ -67,6 +70,7 @@ def _chat_request(body: dict[str, Any], max_tokens: int, stream: bool) -> ChatRe
     tools = to_chat_tools(body.get("tools"))
     if tool_choice(body.get("tool_choice"), tools) == "none":
         tools = None
+    constraint = forced_tools(body.get("tool_choice"), tools) or anthropic_output_format(body)
     metadata = body.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise InvalidRequest("metadata: must be an object", param="metadata")
@@ -86,6 +90,7 @@ def _chat_request(body: dict[str, Any], max_tokens: int, stream: bool) -> ChatRe
         parse_tools=tools is not None,
         template_kwargs=_thinking(body.get("thinking")),
         cache_salt=parse_cache_salt(body),
+        constraint=constraint,
     )
 
 

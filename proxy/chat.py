@@ -34,6 +34,7 @@ from typing import Any, Callable, Optional, Sequence
 from protocol.messages import MAX_SPLIT_POINTS, SPLIT_POINTS_REACH
 from proxy.control_tokens import MARK_END, MARK_START, ControlTokens
 from proxy.errors import ContextLengthExceeded, InvalidRequest
+from proxy.grammar import GrammarBuilder
 from proxy.guards import check_text_size
 from proxy.prompt_tokens import Encoded, PromptEncoder, TokenizationCancelled
 from proxy.text_output import TextOutput
@@ -200,6 +201,7 @@ class ChatTokenizer:
         self._verify_left = self.VERIFY_FIRST
         self._verify_lock = threading.Lock()
         self.max_token_chars = _max_token_chars(wrapper)
+        self.grammars = GrammarBuilder(wrapper)  # structured output's grammars for this tokenizer
 
     @classmethod
     def load(cls, model_path: Path) -> ChatTokenizer:

@@ -3,8 +3,9 @@
 Parsing is strict about types and ranges (a wrong one is a 400 naming the
 parameter) and lenient about fields we have no use for (`user`, `metadata`,
 `parallel_tool_calls`, ... are ignored). Settings we cannot honour
-(`n` > 1, penalties other than repetition, `logit_bias`, JSON response formats)
-are refused rather than silently ignored.
+(`n` > 1, penalties other than repetition, `logit_bias`) are refused rather
+than silently ignored. JSON response formats and a forced tool_choice become an
+output constraint (`proxy.grammar`) that decoding keeps to.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
-from protocol.messages import Hello, SamplingParams
+from protocol.messages import Grammar, Hello, SamplingParams
 from proxy.errors import InvalidJson, InvalidRequest
+from proxy.grammar import OutputConstraint, forced_tools, openai_response_format
 from proxy.namespace import parse_cache_salt
 
 MAX_STOP_STRINGS = 16
@@ -49,6 +51,7 @@ class GenerationOptions:
     top_logprobs: int = -1  # -1: no logprobs; 0: the chosen token only; n: n alternatives
     stream: bool = False
     include_usage: bool = False
+    grammar: Optional[Grammar] = None  # the reply's constraint, compiled for the model (proxy.grammar)
 
     def sampling(self, stop_token_ids: Sequence[int]) -> SamplingParams:
         return SamplingParams(
@@ -62,6 +65,7 @@ class GenerationOptions:
             top_logprobs=self.top_logprobs,
             # MLX seeds are unsigned 64-bit; a negative (int64) seed maps onto one deterministically.
             seed=None if self.seed is None else self.seed % 2**64,
+            grammar=self.grammar,
         )
 
 
@@ -74,6 +78,7 @@ class ChatRequest:
     parse_tools: bool = False  # tools given and tool_choice is not "none"
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     cache_salt: Optional[str] = None  # splits the cache namespace further (proxy.namespace)
+    constraint: Optional[OutputConstraint] = None  # what the reply must match (JSON, a forced tool call)
 
 
 @dataclass(frozen=True)
@@ -159,7 +164,7 @@ def parse_chat_request(body: dict[str, Any], default_max_tokens: int) -> ChatReq
         top_logprobs = _int(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
     elif body.get("top_logprobs") not in (None, 0):
         raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
-    _check_response_format(body)
+    json_output = openai_response_format(body.get("response_format"))
     return ChatRequest(
         model=requested_model(body),
         messages=messages,
@@ -168,6 +173,7 @@ def parse_chat_request(body: dict[str, Any], default_max_tokens: int) -> ChatReq
         parse_tools=tools is not None,
         template_kwargs=template_kwargs,
         cache_salt=parse_cache_salt(body),
+        constraint=forced_tools(tool_choice, tools) or json_output,  # a forced call is the whole reply
     )
 
 
@@ -412,14 +418,6 @@ def _stop(value: Any) -> tuple[str, ...]:
             raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
         return tuple(s for s in value if s)
     raise InvalidRequest("stop must be a string or an array of strings", param="stop")
-
-
-def _check_response_format(body: dict[str, Any]) -> None:
-    fmt = body.get("response_format")
-    if fmt is None:
-        return
-    if not isinstance(fmt, dict) or fmt.get("type") != "text":
-        raise InvalidRequest("only response_format {\"type\": \"text\"} is supported", param="response_format")
 
 
 def _optional(body: dict[str, Any], name: str, kind: type) -> Any:

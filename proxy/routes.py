@@ -194,6 +194,12 @@ async def _chat_job(
         token_limit=context_limit(served),
     )
     _check_prompt(served, rendered.tokens)
+    options = chat.options
+    if chat.constraint is not None:  # compiled here too: a schema llguidance refuses is a 400 before queueing
+        grammar = await served.in_tokenizer_thread(
+            served.tokenizer.grammars.grammar, chat.constraint, chat.tools, rendered.initial_state
+        )
+        options = dataclasses.replace(options, grammar=grammar)
     text = served.tokenizer.text_output(
         stop=chat.options.stop,
         tools=chat.tools,
@@ -202,7 +208,7 @@ async def _chat_job(
         initial_state=rendered.initial_state,
     )
     return GenerationJob(
-        request_id, chat.model or served.model_id, rendered.tokens, rendered.checkpoint_hints, chat.options, text,
+        request_id, chat.model or served.model_id, rendered.tokens, rendered.checkpoint_hints, options, text,
         rendered.split_points, rendered.split_kinds, cache_namespace(client_id(request), chat.cache_salt),
     )
 

@@ -23,6 +23,8 @@ from protocol.messages import (
     Error,
     ErrorCode,
     Generate,
+    Grammar,
+    GrammarKind,
     Message,
     PoolStats,
     RestoreKind,
@@ -37,6 +39,7 @@ from worker.memory_guard import InsufficientMemory, default_cache_bytes, default
 from worker.decode_batch import can_merge
 from worker.disk_tier import DiskTier
 from worker.fingerprint import model_fingerprint
+from worker.grammar import GrammarError, ModelGrammars
 from worker.placement import DEFAULT_CHECKPOINT_INTERVAL
 from worker.pool import Checkpoint, CheckpointPool, Lease, RestorePlan, Sequence, TakenCheckpoint
 from worker.state_codec import SavedPoint
@@ -103,6 +106,7 @@ class Engine:
             self.context_limit = min(self.context_limit, config.max_kv_size)
         self.activation_bytes = self._measure_activations()
         self.batchable = can_merge(model.make_cache())
+        self.grammars: ModelGrammars | None = None  # set by load_engine, which knows the model's directory
 
     # ------------------------------------------------------------- facts
 
@@ -206,6 +210,14 @@ class Engine:
             )
         if sampling.max_tokens < 0:
             raise ValueError("max_tokens must be >= 0")
+
+    def grammar_processor(self, grammar: Grammar | None) -> Callable | None:
+        """The logits mask of a request's grammar (None without one); raises GrammarError (a ValueError)."""
+        if grammar is None:
+            return None
+        if self.grammars is None or grammar.kind is not GrammarKind.LLGUIDANCE:
+            raise GrammarError(f"this worker cannot decode with a {grammar.kind.value} grammar")
+        return self.grammars.processor(grammar.text)
 
     def restore_point(self, prompt: list[int], namespace: str = "") -> int:
         """How deep the pool would restore `prompt` now (a look, nothing checked out)."""
@@ -407,4 +419,6 @@ def load_engine(model_path: str, config: EngineConfig, model_id: str | None = No
     if vocab_size <= 0:
         vocab_size = model.model.embed_tokens.weight.shape[0]  # every mlx-lm LM we serve names it so
     limit = _context_limit(model_config or _read_config(path))
-    return Engine(model, model_id or model_path, config, limit, vocab_size, model_fingerprint(path))
+    engine = Engine(model, model_id or model_path, config, limit, vocab_size, model_fingerprint(path))
+    engine.grammars = ModelGrammars(path, vocab_size)
+    return engine

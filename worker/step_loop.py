@@ -93,6 +93,7 @@ class Running:
     waiting_for: Optional["Running"] = None
     prefill_from: int = 0  # the restore point: where prefilling began
     progress_logged_at: float = 0.0
+    grammar: Optional[Callable] = None  # the request's grammar mask (a logits processor), if it has one
 
     @property
     def prompt(self) -> list[int]:
@@ -141,7 +142,8 @@ class StepLoop:
     def submit(self, request: Generate, emit: Callable[[Message], None], should_abort: Callable[[], bool]) -> None:
         """Queue a request; a prompt that can never run raises ValueError (ContextLengthExceeded) here."""
         self.engine.validate(list(request.prompt_tokens), request.sampling)
-        self.waiting.append(Running(request, emit, should_abort, time.perf_counter()))
+        grammar = self.engine.grammar_processor(request.sampling.grammar)  # GrammarError is a ValueError
+        self.waiting.append(Running(request, emit, should_abort, time.perf_counter(), grammar=grammar))
 
     def step(self) -> None:
         with mx.stream(generation_stream):
@@ -363,7 +365,7 @@ class StepLoop:
             self._result(r, FinishReason.LENGTH)
             return
         sampler = self._sampler(sampling)
-        processors = self._processors(sampling)
+        processors = self._processors(sampling) + ([r.grammar] if r.grammar is not None else [])
         row = logits.reshape(1, -1)
         if processors:
             history = mx.array(r.prompt)

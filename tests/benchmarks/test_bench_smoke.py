@@ -417,3 +417,14 @@ def test_bench_tokenize_runs_small(tmp_path):
     data = json.loads(out.read_text())
     assert len(data["hints"]) == 3 and all(row["with_hints_s"] > 0 for row in data["hints"].values())
     assert data["refusal"]["refused_s"] > 0 and data["marking"]["marked_ms"] > 0
+
+
+def test_bench_grammar_runs_small(tmp_path):
+    import json
+
+    from tests.benchmarks import bench_grammar
+
+    out = tmp_path / "grammar.json"
+    assert bench_grammar.main(["--rounds", "2", "--tokens", "16", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["plain_ms"] > 0 and data["grammar_ms"] > 0 and data["mask_ms"] > 0

@@ -98,7 +98,10 @@ CASES: list[tuple[str, str, bytes, Optional[str], Optional[str]]] = [
     ("tool-choice-unknown-function", CHAT, chat(tools=[TOOL], tool_choice={
         "type": "function", "function": {"name": "nope"}}), "tool_choice", None),  # fmt: skip
     ("tool-choice-without-tools", CHAT, chat(tool_choice="required"), "tool_choice", None),
-    ("response-format-json", CHAT, chat(response_format={"type": "json_object"}), "response_format", None),
+    ("response-format-unknown", CHAT, chat(response_format={"type": "xml"}), "response_format", None),
+    ("response-format-schema-llguidance-refuses", CHAT, chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "unevaluatedProperties": False}}}),
+     "response_format.json_schema.schema", None),  # fmt: skip
     ("completion-prompt-missing", TEXT, json.dumps({"model": "default_model"}).encode(), "prompt", None),
     ("completion-prompt-empty", TEXT, completion(prompt=""), "prompt", None),
     ("completion-token-beyond-vocabulary", TEXT, completion(prompt=[1, 2, VOCAB + 5]), "prompt", None),

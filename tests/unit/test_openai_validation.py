@@ -91,7 +91,8 @@ def test_defaults():
         ({"tools": {"type": "function"}}, "tools"),
         ({"tool_choice": "sometimes"}, "tool_choice"),
         ({"chat_template_kwargs": []}, "chat_template_kwargs"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": []}}, "response_format.json_schema"),
         ({"repetition_penalty": -1}, "repetition_penalty"),
     ],
 )
