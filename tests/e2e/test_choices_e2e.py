@@ -129,3 +129,26 @@ def test_penalties_and_logit_bias_as_mlx_lm_server(proxy, mlx_lm_server, tiny_mo
     ours = ask(proxy, **settings)
     assert ours == ask(mlx_lm_server, **settings)
     assert ours != ask(proxy)
+
+
+def test_a_client_leaving_aborts_every_choice(proxy):
+    stream = client(proxy).chat.completions.create(
+        model="default_model", messages=messages("forests"), max_tokens=400, n=3, stream=True
+    )
+    request_id = None
+    for i, chunk in enumerate(stream):
+        request_id = chunk.id
+        if i == 8:
+            break
+    stream.close()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        statuses = re.findall(rf"request {re.escape(request_id)}-\d .*?status=(\S+)", proxy.log())
+        if len(statuses) == 3:
+            break
+        time.sleep(0.2)
+    assert statuses == ["client_gone"] * 3, statuses
+    generated = [int(g) for g in re.findall(rf"request {re.escape(request_id)}-\d .*?generated=(\d+)", proxy.log())]
+    assert max(generated) < 400, generated  # aborted, not run to the end
+    after = client(proxy).chat.completions.create(model="default_model", messages=messages("x"), max_tokens=3, n=2)
+    assert len(after.choices) == 2
