@@ -124,7 +124,8 @@ async def whole_response(generation: Generation, fmt: ResponseFormat, ident: Res
             ends = [finished[i] for i in range(generation.choices)]
             body = fmt.whole(ident, collected[0], ends[0])
             if len(ends) > 1:
-                body["choices"] = [_at(fmt.whole(ident, c, f), i)["choices"][0] for i, (c, f) in enumerate(zip(collected, ends))]
+                wholes = [fmt.whole(ident, c, f) for c, f in zip(collected, ends)]
+                body["choices"] = [_at(w, i)["choices"][0] for i, w in enumerate(wholes)]
                 body["usage"] = _usage(*ends)
             return web.json_response(body, headers=cache_headers(generation))
     raise RuntimeError("the generation ended without a Finished event")

@@ -210,7 +210,10 @@ class StepLoop:
             self._start(r, lease)
 
     def _donor(self, r: Running):
-        """A running request to fork `r` from: (donor, position, snapshot[, logits]), "wait", or None."""
+        """A running request to fork `r` from: (donor, position, snapshot, logits), "wait", or None.
+
+        Logits come only with a twin's prompt end: nothing is left to compute.
+        """
         if not self.engine.cache_enabled or not (self.prefilling or self.decoding):
             return None
         twin = self._twin(r)
@@ -237,7 +240,7 @@ class StepLoop:
                 if wait_for is None or shared > wait_for[1]:
                     wait_for = (other, shared)
             elif depth > floor and (best is None or depth > best[1]):
-                best = (other, depth, point.snapshot if point is not None else None)
+                best = (other, depth, point.snapshot if point is not None else None, None)
         if wait_for is not None and (best is None or wait_for[1] > best[1]):
             other, shared = wait_for
             self._add_stop(other, shared)
@@ -291,8 +294,7 @@ class StepLoop:
             return self.engine.acquire(
                 r.prompt, r.request.checkpoint_hints, r.request.sampling.max_tokens, extra, r.splits, r.namespace
             )
-        other, depth, snapshot, *logits = donor
-        logits = logits[0] if logits else None  # a twin's prompt end: its logits, nothing left to compute
+        other, depth, snapshot, logits = donor
         source = other.lease.cache if other.phase is Phase.PREFILLING else self.batch.view(other.rid)
         cache = self.engine.ops.fork(source, depth, snapshot)
         nbytes = logits.nbytes if logits is not None else 0
