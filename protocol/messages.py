@@ -96,6 +96,15 @@ class SamplingParams:
     seed: Optional[int] = None
     stop_token_ids: list[int] = field(default_factory=list)
     top_logprobs: int = -1  # -1: no logprobs; 0: chosen token only; n: also n alternatives
+    # mlx-lm's logits processors (mlx_lm.sample_utils.make_logits_processors), as mlx_lm.server applies
+    # them: each penalty looks at the last *_context_size tokens of prompt + output; 0 / empty: off.
+    repetition_context_size: int = 20
+    presence_penalty: float = 0.0  # minus this for a token seen in the context
+    presence_context_size: int = 20
+    frequency_penalty: float = 0.0  # minus this for each time a token occurs in the context
+    frequency_context_size: int = 20
+    logit_bias_ids: list[int] = field(default_factory=list)  # logit_bias_values[i] is added to token logit_bias_ids[i]
+    logit_bias_values: list[float] = field(default_factory=list)
     grammar: Optional[Grammar] = None  # None: unconstrained
 
 

@@ -38,6 +38,7 @@ class GenerationJob:
     split_points: list[int] = field(default_factory=list)
     split_kinds: list[int] = field(default_factory=list)
     namespace: str = ""  # the cache namespace (proxy.namespace)
+    new_text: Optional[Callable[[], TextOutput]] = None  # a fresh `text` for each further choice (n > 1)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class Prefill:
 class Output:
     delta: OutputDelta
     logprobs: list[TokenLogprobView] = field(default_factory=list)
+    choice: int = 0  # which of the request's n choices (proxy.choices)
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ class Finished:
     completion_tokens: int
     cached_tokens: Optional[int]
     stop_sequence: Optional[str] = None  # the stop string that ended the text, if one did
+    choice: int = 0
 
 
 Event = Union[KeepAlive, Prefill, Output, Finished]
@@ -84,6 +87,8 @@ _FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReaso
 
 
 class Generation:
+    choices = 1  # what a responder waits for: one Finished (proxy.choices.Choices has n)
+
     def __init__(self, served: ServedModel, job: GenerationJob, settings: GenerationSettings) -> None:
         self.served = served
         self.job = job
@@ -114,6 +119,12 @@ class Generation:
             self.served.client.abort(self.job.request_id)
             self._aborted = True
         self.served.spawn(self._drain(channel))
+
+    def withdraw(self) -> None:
+        """Leave the queue before running, unlogged: another choice of the request was refused."""
+        if self._ticket is not None:
+            self._ticket.release()
+            self._ticket = None
 
     def note_error(self, error: ApiError) -> None:
         self.record.status = f"error:{error.code}"

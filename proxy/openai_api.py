@@ -2,10 +2,15 @@
 
 Parsing is strict about types and ranges (a wrong one is a 400 naming the
 parameter) and lenient about fields we have no use for (`user`, `metadata`,
-`parallel_tool_calls`, ... are ignored). Settings we cannot honour
-(`n` > 1, penalties other than repetition, `logit_bias`) are refused rather
-than silently ignored. JSON response formats and a forced tool_choice become an
-output constraint (`proxy.grammar`) that decoding keeps to.
+`parallel_tool_calls`, ... are ignored). Settings we cannot honour (`n` above
+MAX_CHOICES) are refused rather than silently ignored. JSON response formats and
+a forced tool_choice become an output constraint (`proxy.grammar`) that decoding
+keeps to.
+
+`presence_penalty`, `frequency_penalty` and `logit_bias` mean what they mean to
+mlx_lm.server (mlx-lm's own logits processors, `worker/sampling.py`): OpenAI's
+ranges, but a penalty counts the last `*_context_size` tokens (default 20) of
+prompt and output, as mlx-lm's do, not the whole output as OpenAI's do.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
 MAX_TEMPERATURE = 2.0
+MAX_CHOICES = 8  # n: each choice is a row of the worker's batch
+MAX_PENALTY = 2.0  # presence_penalty, frequency_penalty: OpenAI's -2..2
+MAX_LOGIT_BIAS = 100.0  # logit_bias values: OpenAI's -100..100
+DEFAULT_PENALTY_CONTEXT = 20  # mlx_lm.server's *_context_size
 SEED_RANGE = (-(2**63), 2**64 - 1)  # int64 as OpenAI documents it, and uint64 as MLX takes it
 MAX_JSON_DEPTH = 100
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
@@ -51,6 +60,13 @@ class GenerationOptions:
     top_logprobs: int = -1  # -1: no logprobs; 0: the chosen token only; n: n alternatives
     stream: bool = False
     include_usage: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_context_size: int = DEFAULT_PENALTY_CONTEXT
+    presence_context_size: int = DEFAULT_PENALTY_CONTEXT
+    frequency_context_size: int = DEFAULT_PENALTY_CONTEXT
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    n: int = 1  # choices: the same prompt generated n times (proxy.choices)
     grammar: Optional[Grammar] = None  # the reply's constraint, compiled for the model (proxy.grammar)
 
     def sampling(self, stop_token_ids: Sequence[int]) -> SamplingParams:
@@ -65,6 +81,13 @@ class GenerationOptions:
             top_logprobs=self.top_logprobs,
             # MLX seeds are unsigned 64-bit; a negative (int64) seed maps onto one deterministically.
             seed=None if self.seed is None else self.seed % 2**64,
+            repetition_context_size=self.repetition_context_size,
+            presence_penalty=self.presence_penalty,
+            presence_context_size=self.presence_context_size,
+            frequency_penalty=self.frequency_penalty,
+            frequency_context_size=self.frequency_context_size,
+            logit_bias_ids=[token for token, _ in self.logit_bias],
+            logit_bias_values=[bias for _, bias in self.logit_bias],
             grammar=self.grammar,
         )
 
@@ -326,10 +349,13 @@ def _check_schema(schema: Any, where: str, depth: int = 0) -> None:
 
 
 def check_model_limits(options: GenerationOptions, hello: Optional[Hello]) -> None:
-    """What only the model decides: top_k must leave some of the vocabulary out."""
+    """What only the model decides: top_k must leave some of the vocabulary out; logit_bias names its tokens."""
     vocab = hello.vocab_size if hello is not None else 0
     if vocab and options.top_k >= vocab:
         raise InvalidRequest(f"top_k must be below the vocabulary size {vocab} (0 turns it off)", param="top_k")
+    bad = next((token for token, _ in options.logit_bias if vocab and token >= vocab), None)
+    if bad is not None:
+        raise InvalidRequest(f"logit_bias: token id {bad} is not below the vocabulary size {vocab}", param="logit_bias")
 
 
 def parse_completion_request(body: dict[str, Any], default_max_tokens: int) -> CompletionRequest:
@@ -379,13 +405,6 @@ def _options(body: dict[str, Any], max_tokens: int, top_logprobs: int) -> Genera
     include_usage = stream_options.get("include_usage", False)
     if not isinstance(include_usage, bool):
         raise InvalidRequest("stream_options.include_usage must be a boolean", param="stream_options")
-    if body.get("n") not in (None, 1):
-        raise InvalidRequest("only n=1 is supported", param="n")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if _float(body, name, 0.0, -2.0, 2.0) != 0.0:
-            raise InvalidRequest(f"{name} is not supported; use repetition_penalty", param=name)
-    if body.get("logit_bias"):
-        raise InvalidRequest("logit_bias is not supported", param="logit_bias")
     repetition_penalty = _float(body, "repetition_penalty", 1.0, 0.0, None)
     seed = _int(body, "seed", None, *SEED_RANGE)
     top_p = _float(body, "top_p", 1.0, 0.0, 1.0)
@@ -405,7 +424,34 @@ def _options(body: dict[str, Any], max_tokens: int, top_logprobs: int) -> Genera
         top_logprobs=top_logprobs,
         stream=stream,
         include_usage=include_usage,
+        presence_penalty=_float(body, "presence_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY),
+        frequency_penalty=_float(body, "frequency_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY),
+        repetition_context_size=_int(body, "repetition_context_size", DEFAULT_PENALTY_CONTEXT, 1, None),
+        presence_context_size=_int(body, "presence_context_size", DEFAULT_PENALTY_CONTEXT, 1, None),
+        frequency_context_size=_int(body, "frequency_context_size", DEFAULT_PENALTY_CONTEXT, 1, None),
+        logit_bias=_logit_bias(body.get("logit_bias")),
+        n=_int(body, "n", 1, 1, MAX_CHOICES),
     )
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} map (JSON keys are strings) -> (id, bias) pairs."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise InvalidRequest("logit_bias must be an object mapping token ids to numbers", param="logit_bias")
+    pairs = []
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise InvalidRequest(f"logit_bias keys must be token ids, got {key[:40]!r}", param="logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias):
+            raise InvalidRequest(f"logit_bias[{key}] must be a number", param="logit_bias")
+        if abs(bias) > MAX_LOGIT_BIAS:
+            raise InvalidRequest(
+                f"logit_bias[{key}] must be from -{MAX_LOGIT_BIAS:g} to {MAX_LOGIT_BIAS:g}", param="logit_bias"
+            )
+        pairs.append((int(key), float(bias)))
+    return tuple(pairs)
 
 
 def _stop(value: Any) -> tuple[str, ...]:

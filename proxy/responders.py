@@ -96,19 +96,38 @@ class TextFormat:
         )
 
 
-def _usage(finished: Finished) -> dict[str, Any]:
-    return api.usage(finished.prompt_tokens, finished.completion_tokens, finished.cached_tokens)
+def _usage(finished: Finished, *others: Finished) -> dict[str, Any]:
+    """OpenAI's usage of n choices (`finished` is choice 0's): the prompt once, every choice's completion."""
+    completion = finished.completion_tokens + sum(f.completion_tokens for f in others)
+    return api.usage(finished.prompt_tokens, completion, finished.cached_tokens)
+
+
+def _at(chunk: dict[str, Any], choice: int) -> dict[str, Any]:
+    """A body or chunk of one choice, moved to index `choice` (the formats build index 0)."""
+    for entry in chunk["choices"]:
+        entry["index"] = choice
+    return chunk
 
 
 async def whole_response(generation: Generation, fmt: ResponseFormat, ident: ResponseIdentity) -> web.Response:
-    collected = Collected()
+    collected = [Collected() for _ in range(generation.choices)]
+    finished: dict[int, Finished] = {}
     async for event in generation.events():
         if isinstance(event, Output):
-            collected.delta += event.delta
-            collected.logprobs.extend(event.logprobs)
+            collected[event.choice].delta += event.delta
+            collected[event.choice].logprobs.extend(event.logprobs)
         elif isinstance(event, Finished):
-            collected.delta += event.delta
-            return web.json_response(fmt.whole(ident, collected, event), headers=cache_headers(generation))
+            collected[event.choice].delta += event.delta
+            finished[event.choice] = event
+            if len(finished) < generation.choices:
+                continue
+            ends = [finished[i] for i in range(generation.choices)]
+            body = fmt.whole(ident, collected[0], ends[0])
+            if len(ends) > 1:
+                wholes = [fmt.whole(ident, c, f) for c, f in zip(collected, ends)]
+                body["choices"] = [_at(w, i)["choices"][0] for i, w in enumerate(wholes)]
+                body["usage"] = _usage(*ends)
+            return web.json_response(body, headers=cache_headers(generation))
     raise RuntimeError("the generation ended without a Finished event")
 
 
@@ -120,8 +139,10 @@ async def stream_response(
     include_usage: bool,
 ) -> None:
     """Stream the events of `generation`; an error mid-stream ends it with an error event."""
-    for chunk in fmt.opening(ident):
-        await stream.data(chunk)
+    for choice in range(generation.choices):
+        for chunk in fmt.opening(ident):
+            await stream.data(_at(chunk, choice))
+    finished: dict[int, Finished] = {}
     try:
         async for event in generation.events():
             if isinstance(event, KeepAlive):
@@ -131,14 +152,18 @@ async def stream_response(
             elif isinstance(event, Output):
                 chunk = fmt.chunk(ident, event.delta, event.logprobs)
                 if chunk is not None:
-                    await stream.data(chunk)
+                    await stream.data(_at(chunk, event.choice))
             elif isinstance(event, Finished):
                 chunk = fmt.chunk(ident, event.delta, [])
                 if chunk is not None:
-                    await stream.data(chunk)
-                await stream.data(fmt.closing(ident, event.finish_reason))
+                    await stream.data(_at(chunk, event.choice))
+                await stream.data(_at(fmt.closing(ident, event.finish_reason), event.choice))
+                finished[event.choice] = event
+                if len(finished) < generation.choices:
+                    continue
                 if include_usage:
-                    await stream.data(api.usage_chunk(ident, fmt.chunk_object, _usage(event)))
+                    ends = [finished[i] for i in range(generation.choices)]
+                    await stream.data(api.usage_chunk(ident, fmt.chunk_object, _usage(*ends)))
                 await stream.done()
                 return
     except ApiError as error:

@@ -15,6 +15,7 @@ and answers with one JSON body or an SSE stream. The Anthropic Messages API
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 import uuid
 from typing import Any, Awaitable, Callable, Optional
@@ -30,6 +31,7 @@ from proxy.errors import (
     NotFound,
     ShuttingDown,
 )
+from proxy.choices import Choices
 from proxy.generation import Generation, GenerationJob, GenerationSettings
 from proxy.auth import client_id
 from proxy.guards import check_context, check_memory, check_text_size
@@ -119,7 +121,8 @@ async def _serve_generation(
     ident = ResponseIdentity(request_id, name or served.model_id)
     stream: Optional[EventStream] = None
     try:
-        async with Generation(served, job, _settings(request)) as generation:
+        run = Choices if job.options.n > 1 else Generation
+        async with run(served, job, _settings(request)) as generation:
             request[GENERATION_ENTERED] = True
             if not job.options.stream:
                 return await responder.whole(generation, ident)
@@ -200,7 +203,8 @@ async def _chat_job(
             served.tokenizer.grammars.grammar, chat.constraint, chat.tools, rendered.initial_state
         )
         options = dataclasses.replace(options, grammar=grammar)
-    text = served.tokenizer.text_output(
+    text = functools.partial(
+        served.tokenizer.text_output,
         stop=chat.options.stop,
         tools=chat.tools,
         parse_tools=chat.parse_tools,
@@ -208,8 +212,8 @@ async def _chat_job(
         initial_state=rendered.initial_state,
     )
     return GenerationJob(
-        request_id, chat.model or served.model_id, rendered.tokens, rendered.checkpoint_hints, options, text,
-        rendered.split_points, rendered.split_kinds, cache_namespace(client_id(request), chat.cache_salt),
+        request_id, chat.model or served.model_id, rendered.tokens, rendered.checkpoint_hints, options, text(),
+        rendered.split_points, rendered.split_kinds, cache_namespace(client_id(request), chat.cache_salt), text,
     )
 
 
@@ -227,10 +231,11 @@ async def _prepare_text(
         if vocab and max(tokens) >= vocab:
             raise InvalidRequest(f"token ids must be below the vocabulary size {vocab}", param="prompt")
     _check_prompt(served, tokens)
-    text = served.tokenizer.text_output(stop=completion.options.stop)
+    text = functools.partial(served.tokenizer.text_output, stop=completion.options.stop)
     namespace = cache_namespace(client_id(request), completion.cache_salt)
     return GenerationJob(
-        request_id, completion.model or served.model_id, tokens, [], completion.options, text, namespace=namespace
+        request_id, completion.model or served.model_id, tokens, [], completion.options, text(), namespace=namespace,
+        new_text=text,
     )
 
 

@@ -210,6 +210,11 @@ class Engine:
             )
         if sampling.max_tokens < 0:
             raise ValueError("max_tokens must be >= 0")
+        if len(sampling.logit_bias_ids) != len(sampling.logit_bias_values):
+            raise ValueError("logit_bias needs one value per token id")
+        bad = next((t for t in sampling.logit_bias_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"logit_bias token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
 
     def grammar_processor(self, grammar: Grammar | None) -> Callable | None:
         """The logits mask of a request's grammar (None without one); raises GrammarError (a ValueError)."""

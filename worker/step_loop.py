@@ -18,6 +18,9 @@ prefilling waits for that request to pass the shared part (a FORK checkpoint is
 added to its prefill) and then forks from it, so a shared system prompt is
 prefilled once, as a radix-aware scheduler does. A running request's prefix is
 forked from its live cache while it prefills, or from its row of the batch.
+A request whose whole prompt is a running one's (its twin: the n choices of one
+OpenAI request) waits for the twin's prompt end and forks there with its logits,
+so it computes no prompt token at all.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any, Callable, Optional
 
 import mlx.core as mx
 from mlx_lm.generate import generation_stream
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.sample_utils import make_sampler
 
 from protocol.messages import (
     CacheFacts,
@@ -51,6 +54,7 @@ from worker.decode_batch import DecodeBatch, Member
 from worker.memory import memory_stats
 from worker.memory_guard import InsufficientMemory
 from worker.pool import Checkpoint, Lease, TakenCheckpoint
+from worker.sampling import mlx_lm_processors
 from worker.token_frames import TokenFrames
 from worker.trie import common_prefix_length
 
@@ -212,9 +216,15 @@ class StepLoop:
             self._start(r, lease)
 
     def _donor(self, r: Running):
-        """A running request to fork `r` from: (donor, position, snapshot), "wait", or None."""
+        """A running request to fork `r` from: (donor, position, snapshot, logits), "wait", or None.
+
+        Logits come only with a twin's prompt end: nothing is left to compute.
+        """
         if not self.engine.cache_enabled or not (self.prefilling or self.decoding):
             return None
+        twin = self._twin(r)
+        if twin is not None:
+            return twin
         floor = self.engine.restore_point(r.prompt, r.namespace)
         best = None
         wait_for = None
@@ -236,7 +246,7 @@ class StepLoop:
                 if wait_for is None or shared > wait_for[1]:
                     wait_for = (other, shared)
             elif depth > floor and (best is None or depth > best[1]):
-                best = (other, depth, point.snapshot if point is not None else None)
+                best = (other, depth, point.snapshot if point is not None else None, None)
         if wait_for is not None and (best is None or wait_for[1] > best[1]):
             other, shared = wait_for
             self._add_stop(other, shared)
@@ -246,6 +256,37 @@ class StepLoop:
             return "wait"
         r.waiting_for = None
         return best
+
+    def _twin(self, r: Running):
+        """A running request with the very same prompt to fork from at its end: (twin, n, snapshot, logits) or "wait".
+
+        A prompt end is always a checkpoint, with its logits, so waiting for a twin's prefill
+        adds no stop to it (MIN_JOIN_TOKENS does not apply).
+        """
+        for other in [*self.prefilling, *self.decoding.values()]:
+            if other.namespace != r.namespace or other.prompt != r.prompt:
+                continue
+            if other.phase is Phase.PREFILLING:
+                if r.waiting_for is not other:
+                    r.waiting_for = other
+                    log.info("request %s: waits for %s, which prefills the same prompt", r.rid, other.rid)
+                return "wait"
+            end = self._prompt_end(other)
+            if end is not None:
+                r.waiting_for = None
+                return (other, len(r.prompt), *end)
+        return None
+
+    def _prompt_end(self, r: Running):
+        """(snapshot, logits) of a decoding request's prompt end, taken in its prefill or restored with it."""
+        n = len(r.prompt)
+        for point in [*r.taken, r.lease.plan.checkpoint]:
+            if point is None or point.position != n or point.logits is None:
+                continue
+            if self.engine.needs_snapshots and point.snapshot is None:
+                continue
+            return point.snapshot, point.logits
+        return None
 
     def _add_stop(self, r: Running, position: int) -> None:
         if position not in r.stops:
@@ -259,10 +300,11 @@ class StepLoop:
             return self.engine.acquire(
                 r.prompt, r.request.checkpoint_hints, r.request.sampling.max_tokens, extra, r.splits, r.namespace
             )
-        other, depth, snapshot = donor
+        other, depth, snapshot, logits = donor
         source = other.lease.cache if other.phase is Phase.PREFILLING else self.batch.view(other.rid)
         cache = self.engine.ops.fork(source, depth, snapshot)
-        checkpoint = Checkpoint(depth, RestoreKind.FORK, snapshot)
+        nbytes = logits.nbytes if logits is not None else 0
+        checkpoint = Checkpoint(depth, RestoreKind.FORK, snapshot, logits, nbytes)
         return self.engine.acquire_forked(
             r.prompt, r.request.checkpoint_hints, r.request.sampling.max_tokens, extra, cache, checkpoint,
             r.splits, r.namespace,
@@ -436,8 +478,7 @@ class StepLoop:
 
     @staticmethod
     def _processors(sampling) -> list:
-        penalty = sampling.repetition_penalty if sampling.repetition_penalty != 1.0 else None
-        return make_logits_processors(repetition_penalty=penalty)
+        return mlx_lm_processors(sampling)
 
     # ------------------------------------------------------------- the end
 

@@ -83,9 +83,19 @@ def test_defaults():
         ({"stop": [str(i) for i in range(17)]}, "stop"),
         ({"stream": "yes"}, "stream"),
         ({"stream_options": {"include_usage": "yes"}}, "stream_options"),
-        ({"n": 2}, "n"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"logit_bias": {"1": 2}}, "logit_bias"),
+        ({"n": 0}, "n"),
+        ({"n": api.MAX_CHOICES + 1}, "n"),
+        ({"n": 2.0}, "n"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -2.01}, "frequency_penalty"),
+        ({"frequency_penalty": "high"}, "frequency_penalty"),
+        ({"presence_context_size": 0}, "presence_context_size"),
+        ({"logit_bias": {"1": 101}}, "logit_bias"),
+        ({"logit_bias": {"one": 2}}, "logit_bias"),
+        ({"logit_bias": {"-1": 2}}, "logit_bias"),
+        ({"logit_bias": {"1": "2"}}, "logit_bias"),
+        ({"logit_bias": {"1": True}}, "logit_bias"),
+        ({"logit_bias": [[1, 2]]}, "logit_bias"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"top_logprobs": 3}, "top_logprobs"),
         ({"tools": {"type": "function"}}, "tools"),
@@ -119,6 +129,24 @@ def test_sampling_fields_and_stop():
     assert sampling.stop_token_ids == [2, 0]
     assert req.options.stop == ("END",)
     assert chat(stop=["a", "", "b"]).options.stop == ("a", "b")
+
+
+def test_penalties_logit_bias_and_n():
+    req = chat(presence_penalty=0.5, frequency_penalty=-1, frequency_context_size=64, logit_bias={"7": 100, "3": -2.5}, n=3)
+    sampling = req.options.sampling([2])
+    assert (sampling.presence_penalty, sampling.frequency_penalty) == (0.5, -1.0)
+    assert (sampling.presence_context_size, sampling.frequency_context_size, sampling.repetition_context_size) == (20, 64, 20)
+    assert (sampling.logit_bias_ids, sampling.logit_bias_values) == ([7, 3], [100.0, -2.5])
+    assert req.options.n == 3
+    assert chat().options.n == 1 and chat().options.sampling([]).logit_bias_ids == []
+
+
+def test_logit_bias_ids_must_be_in_the_vocabulary():
+    hello = type("Hello", (), {"vocab_size": 100})()
+    api.check_model_limits(chat(logit_bias={"99": 1}).options, hello)
+    with pytest.raises(InvalidRequest) as info:
+        api.check_model_limits(chat(logit_bias={"100": 1}).options, hello)
+    assert info.value.param == "logit_bias" and info.value.status == 400
 
 
 def test_repetition_penalty_zero_means_off():
