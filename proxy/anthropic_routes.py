@@ -15,15 +15,13 @@ from typing import Any
 from aiohttp import web
 
 from proxy import anthropic_api as anthropic
-from proxy import openai_api as api
 from proxy.errors import ApiError
 from proxy.generation import Finished, Generation, GenerationJob, KeepAlive, Output, Prefill
 from proxy.openai_api import ResponseIdentity
 from proxy.responders import cache_headers
-from proxy.routes import _chat_job, _check_prompt, _forward_or_not_found, _serve_generation, context_limit
+from proxy.routes import _chat_job, _check_prompt, _serve_generation, context_limit, model_request
 from proxy.served_model import ServedModel
 from proxy.sse import EventStream
-from proxy.state import REGISTRY
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
@@ -32,12 +30,9 @@ async def messages(request: web.Request) -> web.StreamResponse:
 
 async def count_tokens(request: web.Request) -> web.StreamResponse:
     """{"input_tokens": N}: the length of the prompt the request would render to."""
-    body_bytes = await request.read()
-    body = api.parse_json_body(body_bytes)
-    name = api.requested_model(body)
-    served = request.app[REGISTRY].lookup(name)
-    if served is None:
-        return await _forward_or_not_found(request, body_bytes, name)
+    body, served = await model_request(request)
+    if not isinstance(served, ServedModel):
+        return served
     chat = anthropic.parse_count_tokens_request(body)
     rendered = await served.tokenize(
         served.tokenizer.render_chat, chat.messages, tools=chat.tools, template_kwargs=chat.template_kwargs,

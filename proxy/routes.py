@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import time
 import uuid
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional, Union
 
 from aiohttp import web
 
@@ -106,12 +106,10 @@ async def _serve_generation(
     request: web.Request, prepare: Prepare, responder: Responder, id_prefix: str
 ) -> web.StreamResponse:
     app = request.app
-    body_bytes = await request.read()
-    body = api.parse_json_body(body_bytes)
+    body, served = await model_request(request)
+    if not isinstance(served, ServedModel):
+        return served
     name = api.requested_model(body)
-    served = app[REGISTRY].lookup(name)
-    if served is None:
-        return await _forward_or_not_found(request, body_bytes, name)
     request[MODEL_ID] = served.model_id
     if not app[LIFECYCLE].accepting:
         raise ShuttingDown("the server is shutting down", retry_after=5)
@@ -136,6 +134,17 @@ async def _serve_generation(
     except ClientGone:
         assert stream is not None
         return stream.response
+
+
+async def model_request(request: web.Request) -> tuple[dict[str, Any], Union[ServedModel, web.StreamResponse]]:
+    """The request's JSON body and the model it names, or, for a model not served here, the answer already given."""
+    body_bytes = await request.read()
+    body = api.parse_json_body(body_bytes)
+    name = api.requested_model(body)
+    served = request.app[REGISTRY].lookup(name)
+    if served is None:
+        return body, await _forward_or_not_found(request, body_bytes, name)
+    return body, served
 
 
 async def _forward_or_not_found(request: web.Request, body_bytes: bytes, name: Optional[str]) -> web.StreamResponse:

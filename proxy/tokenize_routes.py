@@ -22,18 +22,15 @@ from aiohttp import web
 from proxy import openai_api as api
 from proxy.errors import InvalidRequest
 from proxy.guards import check_text_size
-from proxy.routes import _forward_or_not_found, context_limit
+from proxy.routes import context_limit, model_request
 from proxy.served_model import ServedModel
-from proxy.state import CONFIG, REGISTRY
+from proxy.state import CONFIG
 
 
 async def tokenize(request: web.Request) -> web.StreamResponse:
-    body_bytes = await request.read()
-    body = api.parse_json_body(body_bytes)
-    name = api.requested_model(body)
-    served = request.app[REGISTRY].lookup(name)
-    if served is None:
-        return await _forward_or_not_found(request, body_bytes, name)
+    body, served = await model_request(request)
+    if not isinstance(served, ServedModel):
+        return served
     if "messages" in body:
         tokens = await _chat_tokens(request, served, body)
     elif "prompt" in body:
@@ -49,12 +46,9 @@ async def tokenize(request: web.Request) -> web.StreamResponse:
 
 
 async def detokenize(request: web.Request) -> web.StreamResponse:
-    body_bytes = await request.read()
-    body = api.parse_json_body(body_bytes)
-    name = api.requested_model(body)
-    served = request.app[REGISTRY].lookup(name)
-    if served is None:
-        return await _forward_or_not_found(request, body_bytes, name)
+    body, served = await model_request(request)
+    if not isinstance(served, ServedModel):
+        return served
     tokens = body.get("tokens")
     if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
         raise InvalidRequest("tokens must be an array of token ids", param="tokens")
