@@ -51,3 +51,15 @@ def test_rank_zero_sends_no_request_aborted_while_queued_and_every_abort_so_far(
     lockstep.finished("aborted")
     lockstep.exchange(block=False, stop_requested=True, poll_s=0.01)
     assert lockstep.aborted == set() and lockstep.stopping
+
+
+def test_the_two_mac_examples_parse():
+    import json
+    import plistlib
+    from pathlib import Path
+
+    sharded = Path(__file__).resolve().parents[2] / "deploy" / "sharded"
+    plist = plistlib.loads((sharded / "com.mlx-cache-proxy.worker-rank.plist.example").read_bytes())
+    assert plist["EnvironmentVariables"]["MLX_RANK"] == "0" and plist["ProgramArguments"][1] == "worker"
+    assert [len(h["ips"]) for h in json.loads((sharded / "hostfile.json").read_text())["hosts"]] == [1, 1]
+    assert len(json.loads((sharded / "ring-hosts.json").read_text())) == 2
