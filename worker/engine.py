@@ -77,7 +77,9 @@ class Engine:
         context_limit: int,
         vocab_size: int,
         fingerprint: str = "",
+        ranks: Any = None,
     ):
+        self.ranks = ranks  # a sharded worker's worker.sharded.Ranks: memory figures agreed by all ranks
         self.model = model
         self.model_id = model_id
         self.config = config
@@ -85,10 +87,10 @@ class Engine:
         self.vocab_size = vocab_size
         self.ops, uncached_reason = _cache_ops(model)
         self.layout = self._layout(uncached_reason)
-        self.memory_limit = config.memory_limit or default_memory_limit(memory_stats(0))
+        self.memory_limit = self._agreed(min, config.memory_limit or default_memory_limit(memory_stats(0)))
         cache_bytes = config.cache_bytes
         if cache_bytes is None:
-            cache_bytes = default_cache_bytes(self.memory_limit, mx.get_active_memory())
+            cache_bytes = self._agreed(min, default_cache_bytes(self.memory_limit, self._active_memory()))
         self.pool: CheckpointPool | None = None
         if self.ops is not None and config.cache_enabled:
             self.pool = CheckpointPool(
@@ -98,13 +100,13 @@ class Engine:
                 lattice_by_bytes=config.checkpoint_interval is None,
             )
         self.disk: DiskTier | None = None
-        if self.pool is not None and config.disk_dir and config.disk_cache_bytes > 0 and fingerprint:
+        if self.pool is not None and config.disk_dir and config.disk_cache_bytes > 0 and fingerprint and not ranks:
             self.disk = DiskTier(Path(config.disk_dir) / fingerprint, config.disk_cache_bytes, self.ops)
             self.pool.on_evict = self._save_to_disk
         self.prefill_tokens_per_s = 1000.0  # refined by every prefill; decides disk load vs recompute
         if config.max_kv_size:
             self.context_limit = min(self.context_limit, config.max_kv_size)
-        self.activation_bytes = self._measure_activations()
+        self.activation_bytes = self._agreed(max, self._measure_activations())
         self.batchable = can_merge(model.make_cache())
         self.grammars: ModelGrammars | None = None  # set by load_engine, which knows the model's directory
 
@@ -245,7 +247,7 @@ class Engine:
         plan = self.pool.plan(prompt, hints, splits, namespace)
         if not self._fits(plan, max_tokens, extra_bytes):
             # Give back pool memory, oldest first, then plan again on what is left.
-            excess = mx.get_active_memory() + self._need(plan, max_tokens) + extra_bytes - self.memory_limit
+            excess = self._active_memory() + self._need(plan, max_tokens) + extra_bytes - self.memory_limit
             self.pool.evict_to(max(0, self.pool.nbytes - excess))
             mx.clear_cache()
             plan = self.pool.plan(prompt, hints, splits, namespace)
@@ -345,12 +347,21 @@ class Engine:
         return need.total
 
     def _fits(self, plan: RestorePlan, max_tokens: int, extra_bytes: int = 0) -> bool:
-        return mx.get_active_memory() + self._need(plan, max_tokens) + extra_bytes <= self.memory_limit
+        return self._active_memory() + self._need(plan, max_tokens) + extra_bytes <= self.memory_limit
 
     def _guard_memory(self, plan: RestorePlan, max_tokens: int, extra_bytes: int = 0) -> None:
-        if not self._fits(plan, max_tokens, extra_bytes):
-            active = mx.get_active_memory()
+        active = self._active_memory()
+        if active + self._need(plan, max_tokens) + extra_bytes > self.memory_limit:
             raise InsufficientMemory(self._need(plan, max_tokens) + extra_bytes, self.memory_limit - active, self.memory_limit)
+
+    def _active_memory(self) -> int:
+        # Sharded: the most any rank uses, so every rank's guard takes the same decision.
+        return self._agreed(max, mx.get_active_memory())
+
+    def _agreed(self, op, value: int) -> int:
+        if self.ranks is None:
+            return value
+        return self.ranks.max(value) if op is max else self.ranks.min(value)
 
     def _measure_activations(self) -> int:
         """Peak memory of one full prefill chunk, measured once at start-up."""
@@ -370,6 +381,9 @@ class Engine:
         self.model(mx.array([[0]]), cache=cache)
         mx.eval([c.state for c in cache])
         kv_per_token, snapshot_bytes = measure_layout(cache)
+        if self.ranks is not None:  # equal shards keep the ranks' pools byte for byte alike
+            self.ranks.require_equal("KV bytes per token", kv_per_token)
+            self.ranks.require_equal("snapshot bytes", snapshot_bytes)
         return CacheLayout(
             layer_kinds=[kind_name(c) for c in cache],
             kv_bytes_per_token=kv_per_token,
@@ -413,17 +427,25 @@ def _context_limit(config: dict) -> int:
     return DEFAULT_CONTEXT_LIMIT
 
 
-def load_engine(model_path: str, config: EngineConfig, model_id: str | None = None) -> Engine:
+def load_engine(model_path: str, config: EngineConfig, model_id: str | None = None, ranks: Any = None) -> Engine:
+    """The engine of `model_path`; with `ranks` (a sharded worker), this rank's tensor-parallel shard of it."""
     from mlx_lm.utils import _download, load_model
 
     from worker.model_files import check_model_dir
 
     path = check_model_dir(Path(_download(model_path)), model_path)
-    model, model_config = load_model(path)
+    if ranks is None:
+        model, model_config = load_model(path)
+    else:  # as mlx_lm.utils.sharded_load: load lazily, keep this rank's part, then read it
+        model, model_config = load_model(path, lazy=True)
+        if not hasattr(model, "shard"):
+            raise ValueError(f"{model_path}: mlx-lm has no tensor-parallel sharding for this architecture")
+        model.shard(ranks.group)
+        mx.eval(model.parameters())
     vocab_size = int(model_config.get("vocab_size") or (model_config.get("text_config") or {}).get("vocab_size") or 0)
     if vocab_size <= 0:
         vocab_size = model.model.embed_tokens.weight.shape[0]  # every mlx-lm LM we serve names it so
     limit = _context_limit(model_config or _read_config(path))
-    engine = Engine(model, model_id or model_path, config, limit, vocab_size, model_fingerprint(path))
+    engine = Engine(model, model_id or model_path, config, limit, vocab_size, model_fingerprint(path), ranks)
     engine.grammars = ModelGrammars(path, vocab_size)
     return engine

@@ -181,6 +181,12 @@ def install_signal_handlers(stop: StopFlag) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    from worker.sharded import Ranks, distributed_group
+
+    group = distributed_group()  # under mlx.launch with more than one rank: a sharded worker
+    ranks = Ranks(group) if group is not None else None
+    if ranks is not None and ranks.rank > 0:
+        return _follow(args, ranks)
     try:
         keys = link_keys(args)
     except ValueError as exc:  # KeyFileError too
@@ -204,7 +210,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         log.error("cannot bind %s: %s", args.endpoint, io.bind_error)
         return 1
     try:
-        return _run(args, io, inbox, outbox, book, stop)
+        return _run(args, io, inbox, outbox, book, stop, ranks)
     finally:
         outbox.put(Close(0))  # a backstop: the IO loop ends at the first Close it reads
         io.join(timeout=5.0)
@@ -212,11 +218,40 @@ def main(argv: Optional[list[str]] = None) -> int:
             outbox.close()
 
 
-def _run(args, io: IOLoop, inbox, outbox: Outbox, book: RequestBook, stop: StopFlag) -> int:
-    from worker.engine import load_engine
+def _follow(args: argparse.Namespace, ranks) -> int:
+    """A sharded worker's rank > 0: no socket; it follows rank 0's turns (worker/sharded_loop.py)."""
+    from proxy.logs import setup_logging
+    from worker.sharded_loop import run_follower
 
+    text_format = f"%(asctime)s worker[{os.getpid()}] rank {ranks.rank} %(levelname)s %(message)s"
+    setup_logging(args.log_level, args.log_format, args.log_file or "", text_format, args.stderr_level)
+    stop = StopFlag()
+    install_signal_handlers(stop)
+    return run_follower(args, ranks, stop)
+
+
+def _load(args, ranks):
+    if ranks is None:
+        from worker.engine import load_engine
+
+        return load_engine(args.model, engine_config(args), model_id=args.model_id)
+    from worker.sharded_loop import load_sharded_engine
+
+    return load_sharded_engine(args, ranks)
+
+
+def _model_loop(engine, inbox, outbox, book, stop, io, args, ranks) -> "ModelLoop":
+    if ranks is None:
+        return ModelLoop(engine, inbox, outbox, book, stop, io, args.max_batch)
+    from worker.sharded import Lockstep
+    from worker.sharded_loop import LeaderLoop
+
+    return LeaderLoop(engine, inbox, outbox, book, stop, io, args.max_batch, Lockstep(ranks, inbox, book))
+
+
+def _run(args, io: IOLoop, inbox, outbox: Outbox, book: RequestBook, stop: StopFlag, ranks=None) -> int:
     try:
-        engine = load_engine(args.model, engine_config(args), model_id=args.model_id)
+        engine = _load(args, ranks)
     except (CacheDirLocked, NotAModelDirectory) as exc:
         log.error("%s", exc)  # one line: the cause is another process or the directory, not a bug here
         outbox.put(Error(ErrorCode.INTERNAL, str(exc)))
@@ -230,9 +265,9 @@ def _run(args, io: IOLoop, inbox, outbox: Outbox, book: RequestBook, stop: StopF
     apply_memory_limit(engine.memory_limit)
     io.pool_stats = engine.pool_stats()
     outbox.put(Ready(_hello(engine, args)))
-    _log_start(engine, args, io.pool_stats.capacity_bytes)
+    _log_start(engine, args, io.pool_stats.capacity_bytes, ranks)
 
-    reason = ModelLoop(engine, inbox, outbox, book, stop, io, args.max_batch).run()
+    reason = _model_loop(engine, inbox, outbox, book, stop, io, args, ranks).run()
     log.info("stopping: %s", reason)
     try:
         io.stop_grace_s += DISK_SAVE_GRACE_S  # saving is work, not a hang
@@ -261,11 +296,12 @@ def _hello(engine, args) -> Hello:
     )
 
 
-def _log_start(engine, args, capacity: int) -> None:
+def _log_start(engine, args, capacity: int, ranks=None) -> None:
     log.info(
-        "serving %s (%s) on %s; layout: %s; pool capacity %.1f MiB; up to %d requests at once%s",
+        "serving %s (%s%s) on %s; layout: %s; pool capacity %.1f MiB; up to %d requests at once%s",
         engine.model_id,
         args.model,
+        f", sharded over {ranks.size} ranks, this one's part" if ranks is not None else "",
         args.endpoint + (" (CURVE)" if args.curve_secret_key else ""),
         _layout_summary(engine.layout),
         capacity / 2**20,
@@ -298,7 +334,7 @@ class ModelLoop:
 
     def run(self) -> str:
         """Serve until Shutdown or a stop request; returns why it ended."""
-        while not self.stop.requested:
+        while not self._stopping():
             if self._take_commands(block=not self.steps.busy) == "shutdown":
                 self.steps.abort_all()
                 self._send_stats()
@@ -308,7 +344,10 @@ class ModelLoop:
             if self._stats_due:
                 self._send_stats()
         self.steps.abort_all()  # keeps what they computed, for the disk tier; nothing more is sent
-        return self.stop.reason
+        return self.stop.reason or "stopped by another rank"
+
+    def _stopping(self) -> bool:
+        return self.stop.requested
 
     def _take_commands(self, block: bool) -> str | None:
         while True:
@@ -330,9 +369,12 @@ class ModelLoop:
         abort_event = self.book.start(request.request_id)
         if abort_event is None:
             return  # aborted while queued: the IO thread has answered it
+        self._queue(request, lambda: abort_event.is_set() or self.stop.requested)
+
+    def _queue(self, request: Generate, should_abort) -> None:
         rid = request.request_id
         try:
-            self.steps.submit(request, self._emit, lambda: abort_event.is_set() or self.stop.requested)
+            self.steps.submit(request, self._emit, should_abort)
         except ContextLengthExceeded as exc:
             self._reject(rid, ErrorCode.CONTEXT_LENGTH_EXCEEDED, str(exc))
         except ValueError as exc:
