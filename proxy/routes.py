@@ -47,7 +47,8 @@ STARTED = int(time.time())
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await _serve_generation(request, _prepare_chat, OpenAIResponder(ChatFormat()), "chatcmpl")
+    fmt = ChatFormat(request.app[CONFIG].reasoning_field)
+    return await _serve_generation(request, _prepare_chat, OpenAIResponder(fmt), "chatcmpl")
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
