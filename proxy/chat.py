@@ -125,7 +125,8 @@ def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     As mlx_lm.server does: text content parts are joined into one string, a
     missing content is "", and tool-call arguments given as a JSON string are
-    parsed so templates can render them as objects.
+    parsed so templates can render them as objects. An assistant message's
+    reasoning, under any of `REASONING_KEYS`, is given under all of them.
     """
     out = []
     for index, message in enumerate(messages):
@@ -143,6 +144,7 @@ def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             message["content"] = "".join(texts)
         elif content is None:
             message["content"] = ""
+        _share_reasoning(message)
         for call in message.get("tool_calls") or []:
             function = call.get("function") if isinstance(call, dict) else None
             if isinstance(function, dict) and isinstance(function.get("arguments"), str):
@@ -152,6 +154,21 @@ def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     pass  # the template renders the string as it is
         out.append(message)
     return out
+
+
+# What clients call an assistant message's past reasoning; templates read one of them
+# (Qwen's reasoning_content, GPT-OSS's thinking), so each gets the one a client sent.
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+
+
+def _share_reasoning(message: dict[str, Any]) -> None:
+    if message.get("role") != "assistant":
+        return
+    given = next((message[k] for k in REASONING_KEYS if isinstance(message.get(k), str) and message[k]), None)
+    if given is not None:
+        for key in REASONING_KEYS:
+            if not isinstance(message.get(key), str) or not message[key]:
+                message[key] = given
 
 
 class ChatTokenizer:
