@@ -35,6 +35,7 @@ from protocol.messages import MAX_SPLIT_POINTS, SPLIT_POINTS_REACH
 from proxy.control_tokens import MARK_END, MARK_START, ControlTokens
 from proxy.errors import InvalidRequest
 from proxy.guards import check_text_size
+from proxy.harmony import HarmonyOutput, TokenBridge, harmony_encoding, is_harmony_tokenizer
 from proxy.prompt_tokens import Encoded, PromptEncoder, TokenizationCancelled
 from proxy.text_output import TextOutput
 
@@ -193,6 +194,7 @@ class ChatTokenizer:
         self._verify_left = self.VERIFY_FIRST
         self._verify_lock = threading.Lock()
         self.max_token_chars = _max_token_chars(wrapper)
+        self.harmony: Optional[TokenBridge] = None  # a GPT-OSS (harmony) model's: its replies are parsed by harmony
 
     @classmethod
     def load(cls, model_path: Path) -> ChatTokenizer:
@@ -206,7 +208,14 @@ class ChatTokenizer:
         wrapper = load_tokenizer(Path(model_path), eos_token_ids=eos)
         if not wrapper.has_chat_template:
             import mlx_lm.server  # noqa: F401  (imported here, on the loading thread; used in render_chat)
-        return cls(wrapper)
+        tokenizer = cls(wrapper)
+        if is_harmony_tokenizer(str(t) for t in getattr(wrapper._tokenizer, "added_tokens_decoder", {}).values()):
+            from worker.tiny_models import cache_home
+
+            encoding = harmony_encoding(str(Path(model_path) / "tokenizer.json"), str(cache_home() / "harmony"))
+            if encoding is not None:
+                tokenizer.harmony = TokenBridge(encoding, wrapper)
+        return tokenizer
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -401,7 +410,11 @@ class ChatTokenizer:
         parse_tools: bool = False,
         split_reasoning: bool = False,
         initial_state: str = "normal",
-    ) -> TextOutput:
+        prompt: Sequence[int] = (),
+    ) -> TextOutput | HarmonyOutput:
+        """The output of one generation; a chat reply (`split_reasoning`) of a harmony model is parsed by harmony."""
+        if split_reasoning and self.harmony is not None:
+            return HarmonyOutput(self.harmony, self.wrapper, prompt=prompt, stop=stop, tools=tools, parse_tools=parse_tools)
         return TextOutput(
             self.wrapper,
             stop=stop,

@@ -201,6 +201,7 @@ async def _chat_job(
         parse_tools=chat.parse_tools,
         split_reasoning=True,
         initial_state=rendered.initial_state,
+        prompt=rendered.tokens,
     )
     return GenerationJob(
         request_id, chat.model or served.model_id, rendered.tokens, rendered.checkpoint_hints, chat.options, text,
