@@ -197,7 +197,6 @@ class HarmonyOutput:
         self._bridge = bridge
         self._encoding = bridge.encoding
         self._detokenizer = wrapper.detokenizer
-        self._detokenizer.reset()
         self._stops = [s for s in stop if s]
         self._parse_tools = parse_tools
         self._tools = tools
