@@ -35,7 +35,7 @@ from protocol.messages import MAX_SPLIT_POINTS, SPLIT_POINTS_REACH
 from proxy.control_tokens import MARK_END, MARK_START, ControlTokens
 from proxy.errors import InvalidRequest
 from proxy.guards import check_text_size
-from proxy.harmony import HarmonyOutput, TokenBridge, harmony_encoding, is_harmony_tokenizer
+from proxy.harmony import HARMONY_REPLY_ENDS, HarmonyOutput, TokenBridge, harmony_encoding, is_harmony_tokenizer
 from proxy.prompt_tokens import Encoded, PromptEncoder, TokenizationCancelled
 from proxy.text_output import TextOutput
 
@@ -215,6 +215,8 @@ class ChatTokenizer:
             encoding = harmony_encoding(str(Path(model_path) / "tokenizer.json"), str(cache_home() / "harmony"))
             if encoding is not None:
                 tokenizer.harmony = TokenBridge(encoding, wrapper)
+            for end in HARMONY_REPLY_ENDS:  # whatever config.json says, a reply ends at its answer or a call
+                wrapper.add_eos_token(end)
         return tokenizer
 
     @property

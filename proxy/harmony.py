@@ -43,6 +43,7 @@ VOCAB_FILE = "o200k_base.tiktoken"
 O200K_RANKS = 199998  # ordinary tokens of o200k; the harmony specials start here
 MARKUP = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>")  # a tokenizer with these speaks harmony
 END_TOKENS = ("<|end|>", "<|call|>", "<|return|>")  # close a message
+HARMONY_REPLY_ENDS = ("<|return|>", "<|call|>")  # close a reply: the generation stops there
 
 
 def is_harmony_tokenizer(added_tokens: Iterable[str]) -> bool:

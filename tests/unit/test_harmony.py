@@ -210,3 +210,13 @@ def test_the_vocabulary_is_rebuilt_from_a_gpt_oss_tokenizer_json(tmp_path):
 
 def test_a_small_vocabulary_is_not_taken_for_o200k(tiny_model):
     assert o200k_ranks_from_tokenizer_json(tiny_model("gpt_oss", "harmony") / "tokenizer.json") is None
+
+
+def test_a_reply_ends_at_return_or_call_whatever_the_config_says(harmony_vocab, tiny_model, tmp_path):
+    import shutil
+
+    model = shutil.copytree(tiny_model("gpt_oss", "harmony"), tmp_path / "model")
+    (model / "generation_config.json").unlink()  # config.json names <|return|> alone
+    tokenizer = ChatTokenizer.load(model)
+    call, ret = (tokenizer.wrapper.convert_tokens_to_ids(t) for t in ("<|call|>", "<|return|>"))
+    assert {call, ret} <= set(tokenizer.eos_token_ids)
