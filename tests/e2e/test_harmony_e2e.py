@@ -155,3 +155,13 @@ def test_anthropic_final_answer_after_the_tool_result(harmony_proxy):
     assert [block.type for block in reply.content] == ["thinking", "text"]
     assert reply.content[0].thinking == REASONING_2 and reply.content[1].text == ANSWER
     assert reply.stop_reason == "end_turn"
+
+
+def test_reasoning_field_keeps_one_field(harmony_proxy, log_dir):
+    with running_proxy(harmony_proxy.model, log_dir, "--reasoning-field", "reasoning", name="reasoning-field") as server:
+        server.model = harmony_proxy.model
+        message = chat(server, first_turn()).choices[0].model_dump()["message"]
+        deltas = [c.choices[0].delta.model_dump() for c in chat(server, first_turn(), stream=True) if c.choices]
+    assert message["reasoning"] == REASONING_1 and message.get("reasoning_content") is None
+    assert "".join(d.get("reasoning") or "" for d in deltas) == REASONING_1
+    assert all(d.get("reasoning_content") is None for d in deltas)
