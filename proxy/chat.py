@@ -209,15 +209,22 @@ class ChatTokenizer:
         if not wrapper.has_chat_template:
             import mlx_lm.server  # noqa: F401  (imported here, on the loading thread; used in render_chat)
         tokenizer = cls(wrapper)
-        if is_harmony_tokenizer(str(t) for t in getattr(wrapper._tokenizer, "added_tokens_decoder", {}).values()):
-            from worker.tiny_models import cache_home
-
-            encoding = harmony_encoding(str(Path(model_path) / "tokenizer.json"), str(cache_home() / "harmony"))
-            if encoding is not None:
-                tokenizer.harmony = TokenBridge(encoding, wrapper)
-            for end in HARMONY_REPLY_ENDS:  # whatever config.json says, a reply ends at its answer or a call
-                wrapper.add_eos_token(end)
+        tokenizer._attach_harmony(Path(model_path))
         return tokenizer
+
+    def _attach_harmony(self, model_path: Path) -> None:
+        """A GPT-OSS (harmony) tokenizer: its replies are parsed by harmony, and end at <|return|> or <|call|>."""
+        added = {str(t) for t in getattr(self.wrapper._tokenizer, "added_tokens_decoder", {}).values()}
+        if not is_harmony_tokenizer(added):
+            return
+        from worker.tiny_models import cache_home
+
+        encoding = harmony_encoding(str(model_path / "tokenizer.json"), str(cache_home() / "harmony"))
+        if encoding is not None:
+            self.harmony = TokenBridge(encoding, self.wrapper)
+        for end in HARMONY_REPLY_ENDS:  # whatever config.json says
+            if end in added:
+                self.wrapper.add_eos_token(end)
 
     @property
     def eos_token_ids(self) -> list[int]:
