@@ -199,8 +199,7 @@ class HarmonyOutput:
         self._encoding = bridge.encoding
         self._detokenizer = wrapper.detokenizer
         self._stops = [s for s in stop if s]
-        self._parse_tools = parse_tools
-        self._tools = tools
+        self._parse_tools = parse_tools  # `tools` is not needed: a call names its function
         opened = bridge.open_turn(prompt)
         self._parser = StreamableParser(self._encoding, None if opened else Role.ASSISTANT, strict=False)
         self._raw = False  # the parser gave up: the rest is content as it is
