@@ -36,6 +36,7 @@ from proxy.control_tokens import MARK_END, MARK_START, ControlTokens
 from proxy.errors import ContextLengthExceeded, InvalidRequest
 from proxy.grammar import GrammarBuilder
 from proxy.guards import check_text_size
+from proxy.harmony import HARMONY_REPLY_ENDS, HarmonyOutput, TokenBridge, harmony_encoding, is_harmony_tokenizer
 from proxy.prompt_tokens import Encoded, PromptEncoder, TokenizationCancelled
 from proxy.text_output import TextOutput
 
@@ -126,7 +127,8 @@ def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     As mlx_lm.server does: text content parts are joined into one string, a
     missing content is "", and tool-call arguments given as a JSON string are
-    parsed so templates can render them as objects.
+    parsed so templates can render them as objects. An assistant message's
+    reasoning, under any of `REASONING_KEYS`, is given under all of them.
     """
     out = []
     for index, message in enumerate(messages):
@@ -144,6 +146,7 @@ def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             message["content"] = "".join(texts)
         elif content is None:
             message["content"] = ""
+        _share_reasoning(message)
         for call in message.get("tool_calls") or []:
             function = call.get("function") if isinstance(call, dict) else None
             if isinstance(function, dict) and isinstance(function.get("arguments"), str):
@@ -179,6 +182,21 @@ def _depth(value: Any) -> int:
     return depth - 1
 
 
+# What clients call an assistant message's past reasoning; templates read one of them
+# (Qwen's reasoning_content, GPT-OSS's thinking), so each gets the one a client sent.
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+
+
+def _share_reasoning(message: dict[str, Any]) -> None:
+    if message.get("role") != "assistant":
+        return
+    given = next((message[k] for k in REASONING_KEYS if isinstance(message.get(k), str) and message[k]), None)
+    if given is not None:
+        for key in REASONING_KEYS:
+            if not isinstance(message.get(key), str) or not message[key]:
+                message[key] = given
+
+
 class ChatTokenizer:
     """A model's tokenizer (mlx-lm's `TokenizerWrapper`) and what the proxy does with it."""
 
@@ -202,6 +220,7 @@ class ChatTokenizer:
         self._verify_lock = threading.Lock()
         self.max_token_chars = _max_token_chars(wrapper)
         self.grammars = GrammarBuilder(wrapper)  # structured output's grammars for this tokenizer
+        self.harmony: Optional[TokenBridge] = None  # a GPT-OSS (harmony) model's: its replies are parsed by harmony
 
     @classmethod
     def load(cls, model_path: Path) -> ChatTokenizer:
@@ -215,7 +234,23 @@ class ChatTokenizer:
         wrapper = load_tokenizer(Path(model_path), eos_token_ids=eos)
         if not wrapper.has_chat_template:
             import mlx_lm.server  # noqa: F401  (imported here, on the loading thread; used in render_chat)
-        return cls(wrapper)
+        tokenizer = cls(wrapper)
+        tokenizer._attach_harmony(Path(model_path))
+        return tokenizer
+
+    def _attach_harmony(self, model_path: Path) -> None:
+        """A GPT-OSS (harmony) tokenizer: its replies are parsed by harmony, and end at <|return|> or <|call|>."""
+        added = {str(t) for t in getattr(self.wrapper._tokenizer, "added_tokens_decoder", {}).values()}
+        if not is_harmony_tokenizer(added):
+            return
+        from worker.tiny_models import cache_home
+
+        encoding = harmony_encoding(str(model_path / "tokenizer.json"), str(cache_home() / "harmony"))
+        if encoding is not None:
+            self.harmony = TokenBridge(encoding, self.wrapper)
+        for end in HARMONY_REPLY_ENDS:  # whatever config.json says
+            if end in added:
+                self.wrapper.add_eos_token(end)
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -418,7 +453,11 @@ class ChatTokenizer:
         parse_tools: bool = False,
         split_reasoning: bool = False,
         initial_state: str = "normal",
-    ) -> TextOutput:
+        prompt: Sequence[int] = (),
+    ) -> TextOutput | HarmonyOutput:
+        """The output of one generation; a chat reply (`split_reasoning`) of a harmony model is parsed by harmony."""
+        if split_reasoning and self.harmony is not None:
+            return HarmonyOutput(self.harmony, self.wrapper, prompt=prompt, stop=stop, tools=tools, parse_tools=parse_tools)
         return TextOutput(
             self.wrapper,
             stop=stop,

@@ -89,6 +89,7 @@ class ProxyConfig:
     body_timeout: float = 30.0  # the whole request body, from the end of its headers (proxy/request_body.py)
     idle_timeout: float = 15.0  # keep-alive and request-header limit (proxy/listener.py)
     max_connections: int = 0  # 0: from the open-file limit (proxy/connections.py)
+    reasoning_field: str = "both"  # reasoning, reasoning_content or both, in chat messages and deltas
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)

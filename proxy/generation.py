@@ -23,6 +23,7 @@ from proxy.errors import ApiError
 from proxy.openai_api import GenerationOptions, TokenLogprobView
 from proxy.request_log import RequestRecord
 from proxy.served_model import ServedModel
+from proxy.harmony import HarmonyOutput
 from proxy.text_output import OutputDelta, TextOutput
 from proxy.worker_client import RequestChannel
 
@@ -34,7 +35,7 @@ class GenerationJob:
     prompt_tokens: list[int]
     checkpoint_hints: list[int]
     options: GenerationOptions
-    text: TextOutput
+    text: Union[TextOutput, HarmonyOutput]
     split_points: list[int] = field(default_factory=list)
     split_kinds: list[int] = field(default_factory=list)
     namespace: str = ""  # the cache namespace (proxy.namespace)

@@ -583,12 +583,25 @@ class ResponseIdentity:
         }
 
 
-def chat_message(content: str, reasoning: str, tool_calls: list[dict[str, Any]]) -> dict[str, Any]:
+# Where reasoning goes in messages and deltas (--reasoning-field): mlx_lm.server and newer vLLM
+# write "reasoning", DeepSeek's API, older vLLM and chat templates "reasoning_content".
+REASONING_FIELDS: dict[str, tuple[str, ...]] = {
+    "both": ("reasoning", "reasoning_content"),
+    "reasoning": ("reasoning",),
+    "reasoning_content": ("reasoning_content",),
+}
+DEFAULT_REASONING_FIELD = "both"
+
+
+def reasoning_fields(reasoning: str, choice: str = DEFAULT_REASONING_FIELD) -> dict[str, str]:
+    return {name: reasoning for name in REASONING_FIELDS[choice]} if reasoning else {}
+
+
+def chat_message(
+    content: str, reasoning: str, tool_calls: list[dict[str, Any]], reasoning_field: str = DEFAULT_REASONING_FIELD
+) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": content or None}
-    if reasoning:
-        # reasoning_content, as chat templates read it back; not also "reasoning":
-        # clients that read both fields show the reasoning twice.
-        message["reasoning_content"] = reasoning
+    message.update(reasoning_fields(reasoning, reasoning_field))
     if tool_calls:
         message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in tool_calls]
     return message

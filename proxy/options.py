@@ -189,6 +189,9 @@ OPTIONS: tuple[Option, ...] = (
            "not all arrived, is closed after this long", "SECONDS"),
     Option("max_connections", _int(0), 0, "open client connections at most; more are answered 503 and closed "
            "(/health and /metrics keep a few more); 0: from the open-file limit", "N"),
+    Option("reasoning_field", _choice("both", "reasoning", "reasoning_content"), "both", "where chat replies put "
+           "the model's reasoning: 'reasoning' (mlx_lm.server, vLLM), 'reasoning_content' (DeepSeek, older vLLM) "
+           "or both", "FIELD"),
     Option("log_level", _choice("debug", "info", "warning", "error"), "info", "log level"),
     Option("log_format", _choice("text", "json"), "text", "log line format"),
     Option("log_file", _str, "", "also log to this file (reopened when rotated away); default: stderr only",

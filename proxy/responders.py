@@ -40,7 +40,9 @@ class ResponseFormat(Protocol):
     def whole(self, ident: ResponseIdentity, collected: Collected, finished: Finished) -> dict[str, Any]: ...
 
 
+@dataclass(frozen=True)
 class ChatFormat:
+    reasoning_field: str = api.DEFAULT_REASONING_FIELD  # an api.REASONING_FIELDS key
     chunk_object = "chat.completion.chunk"
 
     def opening(self, ident: ResponseIdentity) -> list[dict[str, Any]]:
@@ -50,8 +52,7 @@ class ChatFormat:
         body: dict[str, Any] = {}
         if delta.content:
             body["content"] = delta.content
-        if delta.reasoning:
-            body["reasoning_content"] = delta.reasoning
+        body.update(api.reasoning_fields(delta.reasoning, self.reasoning_field))
         if delta.tool_calls:
             body["tool_calls"] = delta.tool_calls
         if not body and not logprobs:
@@ -65,7 +66,7 @@ class ChatFormat:
         d = collected.delta
         return api.chat_completion(
             ident,
-            api.chat_message(d.content, d.reasoning, d.tool_calls),
+            api.chat_message(d.content, d.reasoning, d.tool_calls, self.reasoning_field),
             finished.finish_reason,
             _usage(finished),
             api.chat_logprobs(collected.logprobs) if collected.logprobs else None,

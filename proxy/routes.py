@@ -49,7 +49,8 @@ STARTED = int(time.time())
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await _serve_generation(request, _prepare_chat, OpenAIResponder(ChatFormat()), "chatcmpl")
+    fmt = ChatFormat(request.app[CONFIG].reasoning_field)
+    return await _serve_generation(request, _prepare_chat, OpenAIResponder(fmt), "chatcmpl")
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -219,6 +220,7 @@ async def _chat_job(
         parse_tools=chat.parse_tools,
         split_reasoning=True,
         initial_state=rendered.initial_state,
+        prompt=rendered.tokens,
     )
     return GenerationJob(
         request_id, chat.model or served.model_id, rendered.tokens, rendered.checkpoint_hints, options, text(),

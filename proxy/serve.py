@@ -169,6 +169,7 @@ def config_from_options(values: dict) -> ProxyConfig:
         keepalive_interval=values["keepalive_interval"],
         shutdown_timeout=values["shutdown_timeout"],
         max_body_bytes=values["max_body_bytes"],
+        reasoning_field=values["reasoning_field"],
         **edge_options(values),
     )
 

@@ -11,6 +11,9 @@ Three stages, in order:
    parsed with the tokenizer's tool parser into an OpenAI `tool_calls` entry.
    Tool-call text of a request without tools, or that does not parse, stays
    content, markers included, so nothing the model said is lost.
+
+A harmony model's chat reply (GPT-OSS) is read by `proxy.harmony.HarmonyOutput`
+instead, which has the same interface.
 """
 
 from __future__ import annotations

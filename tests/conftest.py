@@ -39,3 +39,18 @@ def tiny_model(tmp_path_factory):
         return built[key]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def harmony_vocab(tmp_path_factory):
+    """openai-harmony's o200k vocabulary, offline: TIKTOKEN_ENCODINGS_BASE names it (processes started later inherit it)."""
+    from proxy.harmony import VOCAB_ENV
+    from tests.harmony_fixtures import provide_vocab
+
+    previous = os.environ.get(VOCAB_ENV)
+    directory = provide_vocab(tmp_path_factory.mktemp("harmony-vocab"))
+    if directory is None:
+        pytest.fail("no o200k vocabulary for openai-harmony: install the test extra (quicktok-v1) or set " + VOCAB_ENV)
+    yield directory
+    if previous is None:
+        os.environ.pop(VOCAB_ENV, None)

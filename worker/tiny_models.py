@@ -38,7 +38,7 @@ ARCHITECTURES: tuple[str, ...] = (
     "falcon_h1",
     "lfm2",
 )
-TEMPLATES: tuple[str, ...] = ("chatml", "chatml-tools", "chatml-drop-reasoning")
+TEMPLATES: tuple[str, ...] = ("chatml", "chatml-tools", "chatml-drop-reasoning", "harmony")
 
 DEFAULT_ARCH = "qwen3_next"
 DEFAULT_SEED = 0
@@ -57,6 +57,10 @@ MARKUP_TOKENS = (
     "<tool_response>",
     "</tool_response>",
 )
+# GPT-OSS's harmony markup, special as in its tokenizer; only the harmony template's
+# tokenizer has them (the other templates' models stay byte-identical).
+HARMONY_TOKENS = ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>", "<|return|>", "<|call|>")
+HARMONY_EOS = ("<|return|>", "<|call|>")  # a reply ends with its answer or a tool call
 CORPUS_SEED = 1234
 
 # Standard deviation of the random matrices. With 0.02 the residual stream is
@@ -359,7 +363,7 @@ def _save_weights(weights: dict, path: Path) -> None:
 # --------------------------------------------------------------------------
 
 
-def train_tokenizer():
+def train_tokenizer(template: str = "chatml"):
     """A byte-level BPE tokenizer (no unknown token for any text).
 
     Training is deterministic across processes and thread counts (checked by
@@ -385,6 +389,8 @@ def train_tokenizer():
     tokenizer.add_tokens(
         [AddedToken(t, special=False, normalized=False) for t in MARKUP_TOKENS]
     )
+    if template == "harmony":
+        tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in HARMONY_TOKENS])
     return tokenizer
 
 
@@ -393,7 +399,7 @@ def tokenizer_config(template: str) -> dict:
         "tokenizer_class": "PreTrainedTokenizerFast",
         "chat_template": chat_template(template),
         "bos_token": None,
-        "eos_token": "<|im_end|>",
+        "eos_token": "<|return|>" if template == "harmony" else "<|im_end|>",
         "pad_token": "<|endoftext|>",
         "unk_token": None,
         "add_bos_token": False,
@@ -544,8 +550,79 @@ def _tools_template(keep_all_reasoning: bool) -> str:
     )
 
 
+# GPT-OSS's harmony format, after its own template, shortened: tool parameters are
+# shown as JSON schema rather than TypeScript. Past reasoning is kept only after the
+# last user message (a tool-calling turn in progress), as harmony drops it after a final.
+_HARMONY = (
+    _CONTENT_MACRO
+    + """\
+{%- macro reasoning_of(message) -%}
+    {%- if message.thinking is string -%}{{- message.thinking -}}
+    {%- elif message.reasoning_content is string -%}{{- message.reasoning_content -}}
+    {%- elif message.reasoning is string -%}{{- message.reasoning -}}
+    {%- endif -%}
+{%- endmacro -%}
+{{- '<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\\nKnowledge cutoff: 2024-06\\n\\n' -}}
+{{- 'Reasoning: ' + (reasoning_effort | default('medium')) + '\\n\\n' -}}
+{{- '# Valid channels: analysis, commentary, final. Channel must be included for every message.' -}}
+{%- if tools -%}{{- '\\nCalls to these tools must go to the commentary channel: \\'functions\\'.' -}}{%- endif -%}
+{{- '<|end|>' -}}
+{%- set first = messages[0] if messages else none -%}
+{%- set has_instructions = first is not none and first.role in ('system', 'developer') -%}
+{%- if has_instructions or tools -%}
+    {{- '<|start|>developer<|message|>' -}}
+    {%- if has_instructions -%}{{- '# Instructions\\n\\n' + render_content(first.content) + '\\n\\n' -}}{%- endif -%}
+    {%- if tools -%}
+        {{- '# Tools\\n\\n## functions\\n\\nnamespace functions {\\n\\n' -}}
+        {%- for tool in tools -%}
+            {%- set fn = tool.function if tool.function is defined else tool -%}
+            {%- if fn.description -%}{{- '// ' + fn.description + '\\n' -}}{%- endif -%}
+            {{- 'type ' + fn.name + ' = (_: ' + ((fn.parameters or {}) | tojson) + ') => any;\\n\\n' -}}
+        {%- endfor -%}
+        {{- '} // namespace functions' -}}
+    {%- endif -%}
+    {{- '<|end|>' -}}
+{%- endif -%}
+{%- set ns = namespace(last_user=-1, last_call='') -%}
+{%- for message in messages -%}
+    {%- if message.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}
+{%- endfor -%}
+{%- for message in messages -%}
+    {%- if message.role in ('system', 'developer') and loop.first -%}
+    {%- elif message.role == 'assistant' -%}
+        {%- set reasoning = reasoning_of(message) -%}
+        {%- set content = render_content(message.content) -%}
+        {%- if reasoning and loop.index0 > ns.last_user -%}
+            {{- '<|start|>assistant<|channel|>analysis<|message|>' + reasoning + '<|end|>' -}}
+        {%- endif -%}
+        {%- if message.tool_calls -%}
+            {%- if content -%}{{- '<|start|>assistant<|channel|>commentary<|message|>' + content + '<|end|>' -}}{%- endif -%}
+            {%- for call in message.tool_calls -%}
+                {%- set fn = call.function if call.function is defined else call -%}
+                {%- set ns.last_call = fn.name -%}
+                {{- '<|start|>assistant to=functions.' + fn.name + '<|channel|>commentary json<|message|>' -}}
+                {%- if fn.arguments is string -%}{{- fn.arguments -}}{%- else -%}{{- fn.arguments | tojson -}}{%- endif -%}
+                {{- '<|call|>' -}}
+            {%- endfor -%}
+        {%- else -%}
+            {{- '<|start|>assistant<|channel|>final<|message|>' + content + '<|end|>' -}}
+        {%- endif -%}
+    {%- elif message.role == 'tool' -%}
+        {%- set name = message.name if message.name is string else ns.last_call -%}
+        {{- '<|start|>functions.' + name + ' to=assistant<|channel|>commentary<|message|>' + render_content(message.content) + '<|end|>' -}}
+    {%- else -%}
+        {{- '<|start|>' + message.role + '<|message|>' + render_content(message.content) + '<|end|>' -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|start|>assistant' -}}{%- endif -%}
+"""
+)
+
+
 def chat_template(template: str) -> str:
     """The Jinja chat template named `template` (one of TEMPLATES)."""
+    if template == "harmony":
+        return _HARMONY
     if template == "chatml":
         return _CHATML
     if template == "chatml-tools":
@@ -570,13 +647,16 @@ def make_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = train_tokenizer()
-    eos_id = tokenizer.token_to_id("<|im_end|>")
+    tokenizer = train_tokenizer(template)
     end_of_text_id = tokenizer.token_to_id("<|endoftext|>")
-    config = model_config(arch, tokenizer.get_vocab_size(), eos_id)
+    if template == "harmony":
+        eos_ids = [tokenizer.token_to_id(t) for t in HARMONY_EOS]
+    else:
+        eos_ids = [tokenizer.token_to_id("<|im_end|>")]
+    config = model_config(arch, tokenizer.get_vocab_size(), eos_ids[0])
 
     _write_json(out / "config.json", config)
-    _write_json(out / "generation_config.json", {"eos_token_id": [eos_id, end_of_text_id]})
+    _write_json(out / "generation_config.json", {"eos_token_id": [*eos_ids, end_of_text_id]})
     _save_weights(random_weights(config, seed), out / "model.safetensors")
     (out / "tokenizer.json").write_text(tokenizer.to_str(pretty=True), encoding="utf-8")
     _write_json(out / "tokenizer_config.json", tok_config)

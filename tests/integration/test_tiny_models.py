@@ -433,3 +433,24 @@ if __name__ == "__main__":
             params = sum(v.size for _, v in tree_flatten(model.parameters()))
             ms = prefill_seconds(model) * 1000
             print(f"{arch:12s} {params / 1e3:6.0f}K params  1K-token prefill {ms:7.1f} ms")
+
+
+def test_harmony_template_renders_channels_tools_and_calls(template_dirs):
+    _, tokenizer = load(str(template_dirs["harmony"]))
+    text = tokenizer.apply_chat_template(TOOL_CONVERSATION, tools=TOOLS, add_generation_prompt=True, tokenize=False)
+    assert text.startswith("<|start|>system<|message|>You are ChatGPT")
+    assert "<|start|>developer<|message|># Instructions\n\nYou are helpful.\n\n# Tools\n\n## functions" in text
+    assert "type get_weather = (_: " in text
+    assert "<|start|>user<|message|>Weather in Paris?<|end|>" in text
+    # A past final answer, and the call after the last user turn with its reasoning (earlier reasoning dropped).
+    assert "<|start|>assistant<|channel|>final<|message|>It is sunny.<|end|>" in text
+    assert "Report it." not in text and "I should call the tool." not in text
+    assert "<|start|>assistant<|channel|>analysis<|message|>Call again.<|end|>" in text
+    assert '<|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Rome"}<|call|>' in text
+    assert "<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>rainy<|end|>" in text
+    assert text.endswith("<|start|>assistant")
+    # The markup is special tokens; a reply ends at <|return|> or <|call|>.
+    added = {str(t): i for i, t in tokenizer.added_tokens_decoder.items()}
+    for name in ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>", "<|return|>", "<|call|>"):
+        assert tokenizer.encode(name, add_special_tokens=False) == [added[name]]
+    assert {added["<|return|>"], added["<|call|>"]} <= set(tokenizer.eos_token_ids)

@@ -316,13 +316,22 @@ def test_tool_use_input_is_always_an_object():
     assert anthropic.tool_use_block(call("not json"))["input"] == {"arguments": "not json"}
 
 
-def test_chat_completions_return_reasoning_content():
+def test_chat_completions_return_reasoning_in_both_fields_by_default():
     fmt = ChatFormat()
     chunk = fmt.chunk(IDENT, OutputDelta(reasoning="think"), [])
-    assert chunk["choices"][0]["delta"] == {"reasoning_content": "think"}
+    assert chunk["choices"][0]["delta"] == {"reasoning": "think", "reasoning_content": "think"}
     body = fmt.whole(IDENT, Collected(OutputDelta(content="hi", reasoning="think")), finished())
     message = body["choices"][0]["message"]
-    assert message["reasoning_content"] == "think" and message["content"] == "hi" and "reasoning" not in message
+    assert message["reasoning"] == message["reasoning_content"] == "think" and message["content"] == "hi"
+
+
+@pytest.mark.parametrize("field", ["reasoning", "reasoning_content"])
+def test_reasoning_field_picks_one(field):
+    fmt = ChatFormat(field)
+    assert fmt.chunk(IDENT, OutputDelta(reasoning="think"), [])["choices"][0]["delta"] == {field: "think"}
+    message = fmt.whole(IDENT, Collected(OutputDelta(content="hi", reasoning="think")), finished())["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": "hi", field: "think"}
+    assert "reasoning" not in fmt.chunk(IDENT, OutputDelta(content="x"), [])["choices"][0]["delta"]
 
 
 class FakeStream:

@@ -57,6 +57,15 @@ def test_normalize_messages_copies_and_flattens():
         normalize_messages([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
 
 
+@pytest.mark.parametrize("key", ["reasoning", "reasoning_content", "thinking"])
+def test_past_reasoning_under_any_name_reaches_every_template(key):
+    out = normalize_messages([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", key: "why"}])
+    assert {k: out[1][k] for k in ("reasoning", "reasoning_content", "thinking")} == dict.fromkeys(
+        ("reasoning", "reasoning_content", "thinking"), "why"
+    )
+    assert "reasoning" not in out[0]
+
+
 def test_stop_string_search_and_hold_back():
     assert find_stop("abcSTOPd", ["STOP", "cS"]) == 2
     assert find_stop("abc", ["x"]) == -1

@@ -84,3 +84,14 @@ def test_max_batch_from_each_source_and_the_default_is_the_workers(tmp_path):
     assert resolve([], environ={})["max_batch"] is None
     help_text = " ".join(build_parser().format_help().split())
     assert f"(worker default: {DEFAULT_MAX_BATCH})" in help_text
+
+
+def test_reasoning_field_is_both_unless_one_is_picked():
+    from proxy.serve import config_from_options
+
+    assert config_from_options(resolve([], environ={})).reasoning_field == "both"
+    picked = resolve(["--reasoning-field", "reasoning"], environ={})
+    assert config_from_options(picked).reasoning_field == "reasoning"
+    assert resolve([], environ={"MLX_CACHE_PROXY_REASONING_FIELD": "reasoning_content"})["reasoning_field"] == "reasoning_content"
+    with pytest.raises(OptionError, match="reasoning_field"):
+        resolve(["--reasoning-field", "thoughts"], environ={})

@@ -53,7 +53,7 @@ HARMONY_STYLE = (
 REAL_STYLE = {
     "gemma": (GEMMA_STYLE, ["<bos>", "<start_of_turn>", "<end_of_turn>"], {"bos_token": "<bos>"}),
     "llama3": (LLAMA3_STYLE, ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], {}),
-    "harmony": (HARMONY_STYLE, ["<|start|>", "<|message|>", "<|end|>", "<|channel|>"], {}),
+    "harmony-style": (HARMONY_STYLE, ["<|start|>", "<|message|>", "<|end|>", "<|channel|>"], {}),
 }
 TOOLS = [{"type": "function", "function": {"name": "search", "description": "Search.",
           "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}]  # fmt: skip
@@ -156,7 +156,7 @@ def _slow_hints(tok, messages, tools=None):
     return tok._render_tokens(marked, tok.control.mark(tools), {}, 8).checkpoint_hints
 
 
-NAMES = ["chatml", "chatml-tools", "chatml-drop-reasoning", "gemma", "llama3", "harmony", "sentencepiece"]
+NAMES = ["chatml", "chatml-tools", "chatml-drop-reasoning", "harmony", "gemma", "llama3", "harmony-style", "sentencepiece"]
 
 
 @pytest.mark.parametrize("name", NAMES)
