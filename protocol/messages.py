@@ -12,6 +12,7 @@ Conversation shape (the worker binds a ROUTER socket, the proxy connects a DEALE
     worker -> proxy    Progress*, Tokens* | TokenFrame*, Result | Error   (per request; a
                        TokenFrame carries several running requests' Tokens at once)
     worker -> proxy    Stats                        (heartbeat, and the answer to Ping)
+    worker -> proxy    CacheEvents                  (which prefix blocks its pool can restore: changes)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 from typing import ClassVar, Optional
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5  # 5: CacheEvents (prefix blocks stored / removed, for routing among replicas)
 
 # Split points (structural boundaries the proxy finds inside long messages) are sent for the last
 # this many tokens of a prompt, at most MAX_SPLIT_POINTS of them: the worker's ladder of checkpoints
@@ -329,6 +330,23 @@ class Stats(Message):
 
 
 @dataclass(frozen=True)
+class CacheEvents(Message):
+    """Prefix blocks that became restorable in the worker's pool (stored) or stopped being (removed).
+
+    A block is PREFIX_BLOCK_TOKENS tokens at a block boundary, named by its chained hash
+    (`protocol.prefix_hash`, the namespace in the seed). `reset`: `stored` is the whole set,
+    forget every earlier block (a new proxy session); a large change comes in several messages,
+    only the first of them a reset. The proxy routes requests by these (proxy/routing.py).
+    """
+
+    KIND: ClassVar[str] = "cache_events"
+    block_tokens: int
+    stored: list[int] = field(default_factory=list)
+    removed: list[int] = field(default_factory=list)
+    reset: bool = False
+
+
+@dataclass(frozen=True)
 class Evict(Message):
     """Ask the worker to shrink its pool to at most `target_bytes`."""
 
@@ -355,6 +373,7 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     Error,
     Ping,
     Stats,
+    CacheEvents,
     Evict,
     Shutdown,
 )

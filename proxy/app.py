@@ -24,6 +24,7 @@ from proxy.cors import install_cors
 from proxy.errors import ApiError, InternalError, NotFound, RequestTooLarge
 from proxy.metrics import Metrics, WorkerView
 from proxy.request_body import body_deadline_middleware
+from proxy.routing import RoutePolicy
 from proxy.routes import GENERATION_ENTERED, MODEL_ID, add_routes
 from proxy.served_model import ModelRegistry, ServedModel, close_served_model, open_served_model
 from proxy.state import CONFIG, LIFECYCLE, METRICS, REGISTRY, UPSTREAM_SESSION, Lifecycle
@@ -103,19 +104,24 @@ def worker_views(app: web.Application) -> list[WorkerView]:
         return []
     views = []
     for served in registry.models:
-        stats, hello = served.client.stats, served.client.hello
-        views.append(
-            WorkerView(
-                model=served.model_id,
-                queue_depth=served.queue.waiting,
-                running=served.queue.running_count,
-                restarts=getattr(served, "restarts", 0),
-                pool=stats.pool if stats is not None else None,
-                memory=stats.memory if stats is not None else (hello.memory if hello is not None else None),
-                memory_limit=hello.memory_limit if hello is not None else 0,
-                max_running=served.queue.max_running,
+        for replica in served.replicas:
+            stats, hello = replica.client.stats, replica.client.hello
+            views.append(
+                WorkerView(
+                    model=served.model_id,
+                    queue_depth=replica.queue.waiting,
+                    running=replica.queue.running_count,
+                    restarts=replica.supervisor.restarts,
+                    pool=stats.pool if stats is not None else None,
+                    memory=stats.memory if stats is not None else (hello.memory if hello is not None else None),
+                    memory_limit=hello.memory_limit if hello is not None else 0,
+                    max_running=replica.queue.max_running,
+                    replica=replica.label,
+                    up=replica.up,
+                    prefix_blocks=served.router.index.blocks(replica.index),
+                    routed={reason.value: n for (i, reason), n in served.router.decisions.items() if i == replica.index},
+                )
             )
-        )
     return views
 
 
@@ -139,9 +145,15 @@ async def workers(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     context = zmq.asyncio.Context()
     sockets = socket_dir()
+    policy = RoutePolicy(cache_weight=config.route_cache_weight, prefill_tps=config.route_prefill_tps)
+    by_model: dict[str, list[int]] = {}
+    for i, spec in enumerate(config.models):  # specs of one name are that model's replicas
+        by_model.setdefault(spec.model_id, []).append(i)
     opening = [
-        asyncio.ensure_future(open_served_model(spec, config, context, ipc_endpoint(sockets, i)))
-        for i, spec in enumerate(config.models)
+        asyncio.ensure_future(open_served_model(
+            [config.models[i] for i in indices], config, context, [ipc_endpoint(sockets, i) for i in indices], policy,
+        ))  # fmt: skip
+        for indices in by_model.values()
     ]
     results = await asyncio.gather(*opening, return_exceptions=True)
     served: list[ServedModel] = [r for r in results if isinstance(r, ServedModel)]

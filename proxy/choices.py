@@ -42,7 +42,8 @@ def choice_job(job: GenerationJob, i: int) -> GenerationJob:
 class Choices:
     def __init__(self, served: ServedModel, job: GenerationJob, settings: GenerationSettings) -> None:
         self.job = job
-        self.generations = [Generation(served, choice_job(job, i), settings) for i in range(job.options.n)]
+        replica = served.route(job.prompt_tokens, job.namespace)  # one replica for all: one prefill
+        self.generations = [Generation(served, choice_job(job, i), settings, replica) for i in range(job.options.n)]
 
     @property
     def choices(self) -> int:

@@ -90,6 +90,8 @@ class ProxyConfig:
     idle_timeout: float = 15.0  # keep-alive and request-header limit (proxy/listener.py)
     max_connections: int = 0  # 0: from the open-file limit (proxy/connections.py)
     reasoning_field: str = "both"  # reasoning, reasoning_content or both, in chat messages and deltas
+    route_cache_weight: float = 1.0  # replicas: proxy/routing.py
+    route_prefill_tps: float = 0.0  # replicas: 0 = measured
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)

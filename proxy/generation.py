@@ -9,6 +9,14 @@ cancelled or a write fails), a stop string ended the text, an error -- sends
 `Abort` to the worker. The queue turn is handed on only when the worker's last
 message for the request has arrived, so the next request never overlaps the
 aborted one; that wait runs in the background, not in the handler.
+
+A model with several replicas: the request is routed when it enters
+(`ServedModel.route`), or goes to the `replica` given (the n choices of one
+request share one replica, hence one prefill). When its replica goes down
+before the request has any output -- waiting in its queue, or sent but not
+yet past its prefill -- it is routed again to a replica that is up and starts
+there afresh; one that has output fails as with one worker (a 503 with
+Retry-After).
 """
 
 from __future__ import annotations
@@ -19,11 +27,11 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Optional, Union
 
 from protocol.messages import FinishReason, Generate, Progress, Result, Tokens
-from proxy.errors import ApiError
+from proxy.errors import ApiError, WorkerUnavailable
 from proxy.openai_api import GenerationOptions, TokenLogprobView
 from proxy.request_log import RequestRecord
-from proxy.served_model import ServedModel
 from proxy.harmony import HarmonyOutput
+from proxy.served_model import Replica, ReplicaMoved, ServedModel
 from proxy.text_output import OutputDelta, TextOutput
 from proxy.worker_client import RequestChannel
 
@@ -87,13 +95,20 @@ Event = Union[KeepAlive, Prefill, Output, Finished]
 _FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "stop"}
 
 
+MAX_REROUTES = 3  # replicas going down one after another under one request: then it fails
+
+
 class Generation:
     choices = 1  # what a responder waits for: one Finished (proxy.choices.Choices has n)
 
-    def __init__(self, served: ServedModel, job: GenerationJob, settings: GenerationSettings) -> None:
+    def __init__(
+        self, served: ServedModel, job: GenerationJob, settings: GenerationSettings, replica: Optional[Replica] = None
+    ) -> None:
         self.served = served
         self.job = job
         self.settings = settings
+        self.replica = replica
+        self.reroutes = 0
         self.record = RequestRecord(job.request_id, job.model, len(job.prompt_tokens), served.model_id)
         self._ticket = None
         self._channel: Optional[RequestChannel] = None
@@ -101,8 +116,22 @@ class Generation:
         self._completion_tokens = 0
 
     async def __aenter__(self) -> Generation:
-        self._ticket = self.served.queue.enter()  # raises QueueFull
+        if self.replica is None:
+            self.replica = self.served.route(self.job.prompt_tokens, self.job.namespace)
+        self._ticket = self.replica.queue.enter()  # raises QueueFull
         return self
+
+    def _reroute(self, error: ApiError) -> None:
+        """Its replica went down before any output: enter another one's queue, or raise `error`."""
+        others_up = any(r.up for r in self.served.replicas if r is not self.replica)
+        if not others_up or self.reroutes >= MAX_REROUTES or self._completion_tokens:
+            raise WorkerUnavailable(str(error), retry_after=1) if isinstance(error, ReplicaMoved) else error
+        if self._ticket is not None:
+            self._ticket.release()
+        self.reroutes += 1
+        self._channel = None
+        self.replica = self.served.route(self.job.prompt_tokens, self.job.namespace)
+        self._ticket = self.replica.queue.enter()
 
     async def __aexit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None and self.record.status == "ok":
@@ -117,7 +146,7 @@ class Generation:
             self._release()
             return
         if not self._aborted:
-            self.served.client.abort(self.job.request_id)
+            self.replica.client.abort(self.job.request_id)
             self._aborted = True
         self.served.spawn(self._drain(channel))
 
@@ -135,12 +164,22 @@ class Generation:
 
     async def events(self) -> AsyncIterator[Event]:
         assert self._ticket is not None, "use `async with Generation(...)`"
+        while True:
+            try:
+                async for event in self._events_on_replica():
+                    yield event
+                return
+            except WorkerUnavailable as error:
+                self._reroute(error)
+
+    async def _events_on_replica(self) -> AsyncIterator[Event]:
+        assert self._ticket is not None and self.replica is not None
         interval = self.settings.keepalive_interval
         while not await self._ticket.wait(interval):
             yield KeepAlive(self._ticket.position)
         self.record.started = time.monotonic()
         job = self.job
-        self._channel = self.served.client.submit(
+        self._channel = self.replica.client.submit(
             Generate(
                 request_id=job.request_id,
                 prompt_tokens=job.prompt_tokens,
@@ -163,7 +202,7 @@ class Generation:
                 if output.delta or output.logprobs:
                     yield output
                 if job.text.stopped:
-                    self.served.client.abort(job.request_id)
+                    self.replica.client.abort(job.request_id)
                     self._aborted = True
                     self.record.status = "stop_string"
                     yield self._finish("stop", self._completion_tokens)
@@ -215,6 +254,8 @@ class Generation:
         )
 
     def _note_result(self, result: Result) -> None:
+        if self.replica is not None:
+            self.replica.observe(result)
         self.record.facts = result.facts
         self.record.timings = result.timings
         self.record.generated_tokens = result.generated_tokens

@@ -10,7 +10,7 @@ proxy process's own (Prometheus' standard names, `proxy.process_metrics`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
@@ -50,6 +50,10 @@ class WorkerView:
     memory: Optional[MemoryStats]
     memory_limit: int = 0  # the worker's memory budget, from its Hello
     max_running: int = 1  # requests the worker runs at once, from its Hello
+    replica: str = "0"  # which of the model's workers (--replicas, or several --worker NAME=...)
+    up: bool = True
+    prefix_blocks: int = 0  # prefix blocks its pool holds, as its events told the router
+    routed: dict[str, int] = field(default_factory=dict)  # routing decisions that chose it, by reason
 
 
 class Metrics:
@@ -192,8 +196,10 @@ class _WorkerCollector(Collector):
 
     def collect(self):
         gauges = {
-            name: GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=["model"])
+            name: GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=["model", "replica"])
             for name, doc in (
+                ("worker_up", "1 while the worker is up (handshake done, not dead), else 0"),
+                ("prefix_blocks", "Prefix blocks the worker's pool can restore, as its cache events tell the router"),
                 ("queue_depth", "Requests waiting for their worker"),
                 ("running_requests", "Requests holding a turn at the worker: the running batch size"),
                 ("max_running_requests", "Requests the worker runs at once (its max_batch)"),
@@ -213,7 +219,7 @@ class _WorkerCollector(Collector):
             )
         }
         counters = {
-            name: CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["model"])
+            name: CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["model", "replica"])
             for name, doc in (
                 ("pool_evictions", "Pool units evicted (since the worker started)"),
                 ("worker_restarts", "Times the worker process was restarted"),
@@ -224,8 +230,16 @@ class _WorkerCollector(Collector):
                 ("disk_write_failures", "Disk tier writes that failed (full disk, I/O error) and were dropped"),
             )
         }
+        routed = CounterMetricFamily(
+            f"{PREFIX}_route_decisions", "Requests routed to the replica, by reason: cache (longest cached "
+            "prefix), load (least loaded), only (one candidate)", labels=["model", "replica", "reason"],
+        )  # fmt: skip
         for view in self._views():
-            m = [view.model]
+            m = [view.model, view.replica]
+            gauges["worker_up"].add_metric(m, 1 if view.up else 0)
+            gauges["prefix_blocks"].add_metric(m, view.prefix_blocks)
+            for reason, count in sorted(view.routed.items()):
+                routed.add_metric([*m, reason], count)
             gauges["queue_depth"].add_metric(m, view.queue_depth)
             gauges["running_requests"].add_metric(m, view.running)
             gauges["max_running_requests"].add_metric(m, view.max_running)
@@ -256,3 +270,4 @@ class _WorkerCollector(Collector):
                 gauges["mlx_peak_memory_bytes"].add_metric(m, view.memory.peak)
         yield from gauges.values()
         yield from counters.values()
+        yield routed

@@ -134,11 +134,18 @@ def default_cache_dir() -> str:
 OPTIONS: tuple[Option, ...] = (
     Option("model", _str, [], "a model to serve (repeatable), listed and requested under exactly this name; "
            "none: the built-in tiny model, as 'default'", "PATH_OR_HF_ID", repeat=True),
-    Option("worker", _str, [], "a worker already running elsewhere, serving model NAME (repeatable)",
+    Option("worker", _str, [], "a worker already running elsewhere, serving model NAME (repeatable; a NAME "
+           "given several times: replicas of one model)",
            "NAME=ENDPOINT", repeat=True),
     Option("worker_public_key", _str, [], "the CURVE public key file (worker.key from `mlx-cache-proxy keys`) "
-           "of the --worker serving NAME: the link is encrypted and only that worker is trusted (repeatable)",
-           "NAME=FILE", repeat=True),
+           "of the --worker serving NAME: the link is encrypted and only that worker is trusted (repeatable); "
+           "NAME@ENDPOINT=FILE names one of several --worker NAME=... replicas", "NAME=FILE", repeat=True),
+    Option("replicas", _int(1, 64), 1, "local workers per --model (each loads the model: N times its memory); "
+           "requests are routed to the one with most of the prompt cached, else the least loaded", "N"),
+    Option("route_cache_weight", _float(0), 1.0, "with replicas: how much a cached prefix counts against a "
+           "replica's wait (0: route by load alone; larger: follow the cache through longer waits)", "W"),
+    Option("route_prefill_tps", _float(0), 0.0, "with replicas: prompt tokens per second a cached token is "
+           "valued at; 0: measured from each worker's prefills", "TPS"),
     Option("curve_secret_key", _str, "", "this proxy's CURVE key pair (proxy.key_secret), used with "
            "--worker-public-key; workers admit its public half (proxy.key)", "FILE"),
     Option("host", _str, "127.0.0.1", "address to listen on"),

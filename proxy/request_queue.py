@@ -120,6 +120,11 @@ class RequestQueue:
         return len(self._running)
 
     @property
+    def mean_service_s(self) -> float:
+        """How long a turn lasts, on average (a moving average)."""
+        return self._mean_service_s
+
+    @property
     def held(self) -> bool:
         return self._held
 

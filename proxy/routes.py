@@ -38,7 +38,7 @@ from proxy.guards import check_context, check_memory, check_text_size
 from proxy.namespace import cache_namespace
 from proxy.openai_api import ResponseIdentity
 from proxy.responders import ChatFormat, OpenAIResponder, Responder, TextFormat
-from proxy.served_model import ServedModel
+from proxy.served_model import Replica, ServedModel
 from proxy.sse import ClientGone, EventStream
 from proxy.state import CONFIG, LIFECYCLE, METRICS, REGISTRY, UPSTREAM_SESSION
 from proxy.upstream import forward
@@ -73,8 +73,10 @@ async def health(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
     accepting = request.app[LIFECYCLE].accepting
     unresponsive_after = request.app[CONFIG].worker.unresponsive_after
-    workers = [_worker_health(served, unresponsive_after) for served in registry.models]
-    healthy = accepting and all(w["ready"] for w in workers)
+    workers = [_worker_health(served, unresponsive_after, r) for served in registry.models for r in served.replicas]
+    # Ready while every model has a ready worker: a replica that is down is a problem, not an outage.
+    ready_models = {w["model"] for w in workers if w["ready"]}
+    healthy = accepting and all(served.model_id in ready_models for served in registry.models)
     body: dict[str, Any] = {
         "status": "ok" if healthy else ("shutting_down" if not accepting else "degraded"),
         "problems": [f"{w['model']}: {w['problem']}" for w in workers if w["problem"]],
@@ -264,11 +266,11 @@ def _check_prompt(served: ServedModel, tokens: list[int]) -> None:
 # ----------------------------------------------------------------- health
 
 
-def _readiness(served: ServedModel, silence: float, unresponsive_after: float) -> Optional[str]:
+def _readiness(replica: Replica, silence: float, unresponsive_after: float) -> Optional[str]:
     """Why this worker should not get traffic now, or None."""
-    client = served.client
+    client = replica.client
     if not client.alive:
-        refused = served.supervisor.link_refused
+        refused = replica.supervisor.link_refused
         return f"down: {refused or client.failure or 'not connected'}"
     if silence > unresponsive_after:
         return f"not answering: no message for {silence:.1f}s (stopped or hung?)"
@@ -276,13 +278,15 @@ def _readiness(served: ServedModel, silence: float, unresponsive_after: float) -
 
 
 def _worker_health(
-    served: ServedModel, unresponsive_after: float = WorkerOptions.unresponsive_after
+    served: ServedModel, unresponsive_after: float = WorkerOptions.unresponsive_after, replica: Optional[Replica] = None
 ) -> dict[str, Any]:
-    client = served.client
+    """One worker's entry in /health: `replica`'s, or the model's only (or first up) one."""
+    replica = replica or served.primary
+    client, process, queue = replica.client, replica.supervisor.process, replica.queue
     hello, stats = client.hello, client.stats
     memory = stats.memory if stats else (hello.memory if hello else None)
     silence = time.monotonic() - client.last_seen
-    problem = _readiness(served, silence, unresponsive_after)
+    problem = _readiness(replica, silence, unresponsive_after)
     out: dict[str, Any] = {
         "model": served.model_id,
         "endpoint": client.endpoint,
@@ -290,14 +294,16 @@ def _worker_health(
         "ready": problem is None,
         "problem": problem,
         "failure": client.failure,
-        "pid": hello.pid if hello else (served.process.pid if served.process else None),
-        "local": served.process is not None,
-        "queue": {"waiting": served.queue.waiting, "running": served.queue.running_count, "max_waiting": served.queue.max_waiting},
+        "pid": hello.pid if hello else (process.pid if process else None),
+        "local": process is not None,
+        "queue": {"waiting": queue.waiting, "running": queue.running_count, "max_waiting": queue.max_waiting},
         "seconds_since_heartbeat": round(silence, 3),
         # A count, not the ids: /health is open, and ids would show other clients' traffic.
         "running_requests": len(stats.running_requests) if stats else 0,
-        "restarts": served.restarts,
+        "restarts": replica.supervisor.restarts,
     }
+    if len(served.replicas) > 1:
+        out["replica"] = replica.label
     if hello is not None:
         out.update(
             context_limit=hello.context_limit,

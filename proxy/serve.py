@@ -34,8 +34,14 @@ log = logging.getLogger("mlx_cache_proxy")
 WORKER_SAVE_TIMEOUT_S = 140.0
 
 
-def model_specs(models: list[str], workers: list[str], aliases: list[str] = ()) -> tuple[ModelSpec, ...]:
-    """Resolve --model, --worker and --alias values; the first model also answers to 'default_model'."""
+def model_specs(
+    models: list[str], workers: list[str], aliases: list[str] = (), replicas: int = 1
+) -> tuple[ModelSpec, ...]:
+    """Resolve --model, --worker and --alias values; the first model also answers to 'default_model'.
+
+    A spec per worker: each --model (and the built-in default) `replicas` times, and --worker names
+    given more than once are replicas of one model (proxy/routing.py picks one per request).
+    """
     from proxy.model_source import ModelSourceError, check_model_dir, resolve_model_path
 
     specs: list[ModelSpec] = []
@@ -55,13 +61,22 @@ def model_specs(models: list[str], workers: list[str], aliases: list[str] = ()) 
 
         specs.append(ModelSpec(model_id=DEFAULT_MODEL_ID, path=default_model_dir()))
     names = [s.model_id for s in specs]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    local = [s.model_id for s in specs if s.endpoint is None]
+    remote = [s.model_id for s in specs if s.endpoint is not None]
+    duplicates = sorted({n for n in names if local.count(n) > 1 or (n in local and n in remote)})
     if duplicates:
-        raise ValueError(f"model names given twice: {', '.join(duplicates)}")
+        raise ValueError(f"model names given twice: {', '.join(duplicates)} (use --replicas N for several local workers)")
+    endpoints = [s.endpoint for s in specs if s.endpoint is not None]
+    if len(set(endpoints)) < len(endpoints):
+        raise ValueError("a --worker endpoint is given twice")
+    specs = [r for s in specs for r in ([s] * (replicas if s.endpoint is None else 1))]
     specs = with_aliases(specs, aliases)
     first = specs[0]
     if not any(DEFAULT_MODEL_ALIAS in (s.model_id, *s.aliases) for s in specs):
-        specs[0] = dataclasses.replace(first, aliases=(*first.aliases, DEFAULT_MODEL_ALIAS))
+        specs = [
+            dataclasses.replace(s, aliases=(*s.aliases, DEFAULT_MODEL_ALIAS)) if s.model_id == first.model_id else s
+            for s in specs
+        ]
     return tuple(specs)
 
 
@@ -78,7 +93,7 @@ def with_aliases(specs: list[ModelSpec], aliases: list[str]) -> list[ModelSpec]:
             raise ValueError(f"--alias {item!r}: {name!r} is already a served model's name")
         if any(name in names for names in by_id.values()):
             raise ValueError(f"--alias {item!r}: the name {name!r} is given twice")
-        by_id[model].append(name)
+        by_id[model].append(name)  # one list per name: every replica of the model gets it
     return [dataclasses.replace(s, aliases=(*s.aliases, *by_id[s.model_id])) for s in specs]
 
 
@@ -95,21 +110,25 @@ def default_model(specs: tuple[ModelSpec, ...], name: str, upstream: Optional[st
 
 
 def with_link_keys(specs: tuple[ModelSpec, ...], public_keys: list[str], secret_key: str) -> tuple[ModelSpec, ...]:
-    """Attach CURVE keys to the --worker specs named by --worker-public-key NAME=FILE.
+    """Attach CURVE keys to the --worker specs named by --worker-public-key NAME=FILE or NAME@ENDPOINT=FILE.
 
+    NAME=FILE applies to every --worker of that name; NAME@ENDPOINT=FILE to the one at ENDPOINT
+    (replicas on several machines, each with its own key), and wins over NAME=FILE.
     A non-loopback tcp:// worker without keys is refused: its link would be open to anyone on the way.
     """
     from protocol.curve import ClientKeys, is_loopback_endpoint, load_public_key, load_secret_key
 
-    by_name = {s.model_id: s for s in specs}
-    server_keys: dict[str, bytes] = {}
+    remote = {(s.model_id, s.endpoint) for s in specs if s.endpoint is not None}
+    server_keys: dict[tuple[str, str], bytes] = {}  # (name, endpoint or "") -> the worker's public key
     for item in public_keys:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--worker-public-key {item!r}: expected NAME=FILE")
-        if name not in by_name or by_name[name].endpoint is None:
-            raise ValueError(f"--worker-public-key {item!r}: no --worker {name}=... is given")
-        server_keys[name] = load_public_key(path)
+        target, sep, path = item.partition("=")
+        name, at, endpoint = target.partition("@")
+        if not sep or not name or not path or (at and not endpoint):
+            raise ValueError(f"--worker-public-key {item!r}: expected NAME=FILE or NAME@ENDPOINT=FILE")
+        if not any(n == name and (not at or e == endpoint) for n, e in remote):
+            given = f"{name}={endpoint}" if at else f"{name}=..."
+            raise ValueError(f"--worker-public-key {item!r}: no --worker {given} is given")
+        server_keys[(name, endpoint)] = load_public_key(path)
     if server_keys and not secret_key:
         raise ValueError("--worker-public-key needs --curve-secret-key (this proxy's proxy.key_secret)")
     if secret_key and not server_keys:
@@ -117,8 +136,9 @@ def with_link_keys(specs: tuple[ModelSpec, ...], public_keys: list[str], secret_
     own = load_secret_key(secret_key) if secret_key else None
     out = []
     for spec in specs:
-        if spec.model_id in server_keys and own is not None:
-            spec = dataclasses.replace(spec, link_keys=ClientKeys(own[0], own[1], server_keys[spec.model_id]))
+        key = server_keys.get((spec.model_id, spec.endpoint or "")) or server_keys.get((spec.model_id, ""))
+        if spec.endpoint is not None and key is not None and own is not None:
+            spec = dataclasses.replace(spec, link_keys=ClientKeys(own[0], own[1], key))
         elif spec.endpoint is not None and not is_loopback_endpoint(spec.endpoint):
             raise ValueError(
                 f"--worker {spec.model_id}={spec.endpoint} is not on this machine: give --worker-public-key "
@@ -134,7 +154,7 @@ def config_from_options(values: dict) -> ProxyConfig:
         values["cache_dir"] or default_cache_dir()
     )
     models = with_link_keys(
-        model_specs(values["model"], values["worker"], values["alias"]),
+        model_specs(values["model"], values["worker"], values["alias"], values["replicas"]),
         values["worker_public_key"],
         values["curve_secret_key"],
     )
@@ -170,6 +190,8 @@ def config_from_options(values: dict) -> ProxyConfig:
         shutdown_timeout=values["shutdown_timeout"],
         max_body_bytes=values["max_body_bytes"],
         reasoning_field=values["reasoning_field"],
+        route_cache_weight=values["route_cache_weight"],
+        route_prefill_tps=values["route_prefill_tps"],
         **edge_options(values),
     )
 

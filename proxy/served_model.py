@@ -1,7 +1,11 @@
-"""A served model: its supervised worker, its queue and its tokenizer.
+"""A served model: its replicas (each a supervised worker and its queue), its router and tokenizer.
 
-`open_served_model` brings one up (start the worker, handshake, load the
-tokenizer); `close_served_model` takes it down in the reverse order.
+`open_served_model` brings one up (start the workers, handshake, load the
+tokenizer); `close_served_model` takes it down in the reverse order. A model
+has one replica unless --replicas N or several --worker NAME=... give more;
+`route` picks one per request (proxy/routing.py). A replica that goes down
+while others are up hands its waiting requests on (they are routed again);
+it takes requests again once its supervisor has it back.
 `begin_shutdown` is the first step of a graceful stop: waiting requests get a
 clean 503 and the worker is no longer restarted, while the running requests
 go on. `ModelRegistry` maps request `model` names, aliases included, to them.
@@ -17,14 +21,17 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Coroutine, Optional, TypeVar
+from typing import Any, Callable, Coroutine, Optional, Sequence, TypeVar, Union
 
 import zmq.asyncio
 
 from proxy.chat import ChatTokenizer
 from proxy.config import DEFAULT_MODEL_ALIAS, ModelSpec, ProxyConfig, is_name_pattern
-from proxy.errors import ShuttingDown
+from protocol.messages import Hello, Result
+from protocol.prefix_hash import block_hashes
+from proxy.errors import ShuttingDown, WorkerUnavailable
 from proxy.request_queue import RequestQueue
+from proxy.routing import ReplicaLoad, RoutePolicy, Router
 from proxy.supervisor import WorkerProcess, WorkerState, WorkerSupervisor
 from proxy.worker_client import WorkerClient, WorkerStartError
 
@@ -35,12 +42,55 @@ T = TypeVar("T")
 TOKENIZER_THREADS = 4
 
 
+PREFILL_TPS_MIN_TOKENS = 64  # a Result that computed fewer prompt tokens says little about prefill speed
+
+
+@dataclass
+class Replica:
+    """One worker of a model: its supervisor and its admission queue."""
+
+    index: int
+    supervisor: WorkerSupervisor
+    queue: RequestQueue
+    prefill_tps: float = 0.0  # moving average of computed prompt tokens per second (0: none yet)
+
+    @property
+    def label(self) -> str:
+        return str(self.index)
+
+    @property
+    def client(self) -> WorkerClient:
+        assert self.supervisor.client is not None
+        return self.supervisor.client
+
+    @property
+    def up(self) -> bool:
+        return self.supervisor.state is WorkerState.UP
+
+    def load(self) -> ReplicaLoad:
+        q = self.queue
+        return ReplicaLoad(
+            self.index, q.waiting, q.running_count, q.max_running, q.max_waiting, q.mean_service_s,
+            self.prefill_tps, self.up,
+        )  # fmt: skip
+
+    def observe(self, result: Result) -> None:
+        computed, seconds = result.facts.recomputed_tokens, result.timings.prefill_s
+        if computed >= PREFILL_TPS_MIN_TOKENS and seconds > 0:
+            tps = computed / seconds
+            self.prefill_tps = tps if not self.prefill_tps else 0.8 * self.prefill_tps + 0.2 * tps
+
+
+class ReplicaMoved(WorkerUnavailable):
+    """A waiting request's replica went down while others are up: it is routed again (never sent to a client)."""
+
+
 @dataclass
 class ServedModel:
     spec: ModelSpec
-    supervisor: WorkerSupervisor
-    queue: RequestQueue
+    replicas: list[Replica]
     tokenizer: ChatTokenizer
+    router: Router = field(default_factory=Router)
     # Tokenizing and template rendering run here, off the event loop. A `tokenizers` encode
     # releases the GIL, so with a few threads a short prompt does not wait for a long one.
     tokenizer_thread: ThreadPoolExecutor = field(
@@ -53,10 +103,24 @@ class ServedModel:
         return self.spec.model_id
 
     @property
+    def primary(self) -> Replica:
+        """The replica whose worker answers for the model (limits, /health): the first one up, else the first."""
+        if len(self.replicas) == 1:
+            return self.replicas[0]
+        return next((r for r in self.replicas if r.up), self.replicas[0])
+
+    @property
+    def supervisor(self) -> WorkerSupervisor:
+        return self.primary.supervisor
+
+    @property
+    def queue(self) -> RequestQueue:
+        return self.primary.queue
+
+    @property
     def client(self) -> WorkerClient:
-        """The current worker's client (a dead worker's until its replacement is up)."""
-        assert self.supervisor.client is not None
-        return self.supervisor.client
+        """The primary worker's client (a dead worker's until its replacement is up)."""
+        return self.primary.client
 
     @property
     def process(self) -> Optional[WorkerProcess]:
@@ -65,22 +129,56 @@ class ServedModel:
 
     @property
     def restarts(self) -> int:
-        return self.supervisor.restarts
+        return sum(r.supervisor.restarts for r in self.replicas)
 
     @property
     def worker_state(self) -> WorkerState:
         return self.supervisor.state
 
     def check_available(self) -> None:
-        """Raise `WorkerUnavailable` when a new request should not queue (the worker stayed down)."""
-        self.supervisor.check_available()
+        """Raise `WorkerUnavailable` when a new request should not queue (every worker stayed down)."""
+        error: Optional[Exception] = None
+        for replica in self.replicas:
+            try:
+                replica.supervisor.check_available()
+                return
+            except WorkerUnavailable as exc:
+                error = error or exc
+        assert error is not None
+        raise error
+
+    def route(self, prompt_tokens: list[int], namespace: str) -> Replica:
+        """The replica for a request (proxy/routing.py); a model of one replica has no choice to make."""
+        if len(self.replicas) == 1:
+            return self.replicas[0]
+        hashes = block_hashes(prompt_tokens, namespace, self.router.index.block_tokens)
+        decision = self.router.route([r.load() for r in self.replicas], hashes, len(prompt_tokens))
+        return self.replicas[decision.replica]
 
     def begin_shutdown(self) -> None:
         """Refuse new requests, answer the waiting ones with a 503, restart nothing more."""
-        failed = self.queue.close(lambda: ShuttingDown("the server is shutting down", retry_after=5))
-        if failed:
-            log.info("shutting down: %d queued request(s) for %s answered with 503", failed, self.model_id)
-        self.supervisor.stop_restarting()
+        for replica in self.replicas:
+            failed = replica.queue.close(lambda: ShuttingDown("the server is shutting down", retry_after=5))
+            if failed:
+                log.info("shutting down: %d queued request(s) for %s answered with 503", failed, self.model_id)
+            replica.supervisor.stop_restarting()
+
+    def watch(self, replica: Replica) -> None:
+        """Feed the router from `replica`'s worker, and move its waiting requests when it goes down."""
+        supervisor = replica.supervisor
+        supervisor.on_cache_events = lambda events: self.router.index.apply(replica.index, events)
+        supervisor.on_down = lambda: self._replica_down(replica)
+        supervisor.on_up = lambda: self.router.index.forget(replica.index)  # a new session: a reset follows
+
+    def _replica_down(self, replica: Replica) -> None:
+        self.router.index.forget(replica.index)
+        if not any(r.up for r in self.replicas if r is not replica):
+            return  # nowhere to go: they wait for this one to come back, as with one worker
+        moved = replica.queue.fail_waiting(
+            lambda: ReplicaMoved(f"replica {replica.label} of {self.model_id} went down", retry_after=1)
+        )
+        if moved:
+            log.warning("replica %s of %s is down: %d waiting request(s) move to the others", replica.label, self.model_id, moved)
 
     async def in_tokenizer_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -107,35 +205,63 @@ class ServedModel:
 
 
 async def open_served_model(
-    spec: ModelSpec,
+    specs: Union[ModelSpec, Sequence[ModelSpec]],
     config: ProxyConfig,
     context: zmq.asyncio.Context,
-    endpoint: str,
+    endpoints: Union[str, Sequence[str]],
+    policy: Optional[RoutePolicy] = None,
 ) -> ServedModel:
-    """Start (or reach) the worker for `spec`, handshake, load the tokenizer."""
-    queue = RequestQueue(config.max_queue)  # max_running: from the worker's Hello, by the supervisor
-    supervisor = WorkerSupervisor(spec, config.worker, endpoint, context, queue)
+    """Start (or reach) the workers of one model (a spec per replica), handshake, load the tokenizer.
+
+    `endpoints`: an ipc endpoint per spec, for the local ones (a remote spec names its own).
+    """
+    specs = [specs] if isinstance(specs, ModelSpec) else list(specs)
+    endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+    spec = specs[0]
+    replicas = [
+        Replica(i, WorkerSupervisor(s, config.worker, e, context, queue), queue)
+        for i, (s, e) in enumerate(zip(specs, endpoints))
+        for queue in [RequestQueue(config.max_queue)]  # max_running: from the worker's Hello, by the supervisor
+    ]
     try:
         # On this (the main) thread: mlx_lm imports MLX, whose thread-local state
         # must not belong to an executor thread that exits during interpreter
         # shutdown (its destructor then aborts the process).
         tokenizer = ChatTokenizer.load(spec.path) if spec.path is not None else None
-        hello = await supervisor.start()
+        served = ServedModel(spec=spec, replicas=replicas, tokenizer=tokenizer, router=Router(policy or RoutePolicy()))
+        for replica in replicas:
+            served.watch(replica)
+        hellos = await asyncio.gather(*(r.supervisor.start() for r in replicas))
         if tokenizer is None:
-            tokenizer = ChatTokenizer.load(_tokenizer_path(spec, hello.model_id))
+            served.tokenizer = ChatTokenizer.load(_tokenizer_path(spec, hellos[0].model_id))
+        _check_same_model(spec, hellos)
     except BaseException:
-        await supervisor.close()
+        await asyncio.gather(*(r.supervisor.close() for r in replicas), return_exceptions=True)
         raise
-    log.info(
-        "worker for %s ready: pid %d, context %d, cache %s, batch %d, layers %s",
-        spec.model_id,
-        hello.pid,
-        hello.context_limit,
-        "on" if hello.cache_enabled else "off",
-        queue.max_running,
-        ",".join(sorted(set(hello.layout.layer_kinds))),
-    )
-    return ServedModel(spec=spec, supervisor=supervisor, queue=queue, tokenizer=tokenizer)
+    for replica, hello in zip(replicas, hellos):
+        log.info(
+            "worker for %s%s ready: pid %d, context %d, cache %s, batch %d, layers %s",
+            spec.model_id,
+            f" (replica {replica.label})" if len(replicas) > 1 else "",
+            hello.pid,
+            hello.context_limit,
+            "on" if hello.cache_enabled else "off",
+            replica.queue.max_running,
+            ",".join(sorted(set(hello.layout.layer_kinds))),
+        )
+    return served
+
+
+def _check_same_model(spec: ModelSpec, hellos: Sequence[Hello]) -> None:
+    """Replicas of one name must serve one model: a request may go to any of them."""
+    first = hellos[0]
+    for hello in hellos[1:]:
+        if (hello.model_id, hello.vocab_size, hello.context_limit) != (first.model_id, first.vocab_size, first.context_limit):
+            raise WorkerStartError(
+                f"the workers named {spec.model_id!r} do not serve one model: {first.model_id!r} "
+                f"(vocabulary {first.vocab_size}, context {first.context_limit}) and {hello.model_id!r} "
+                f"(vocabulary {hello.vocab_size}, context {hello.context_limit})"
+            )
 
 
 def _tokenizer_path(spec: ModelSpec, hello_model_id: str) -> Path:
@@ -158,9 +284,10 @@ async def close_served_model(served: ServedModel, config: ProxyConfig) -> None:
     for task in list(served.background):
         task.cancel()
     await asyncio.gather(*served.background, return_exceptions=True)
-    await served.supervisor.close()
-    if served.process is not None:
-        log.info("worker for %s stopped (exit code %s)", served.model_id, served.process.returncode)
+    await asyncio.gather(*(r.supervisor.close() for r in served.replicas), return_exceptions=True)
+    for replica in served.replicas:
+        if replica.supervisor.process is not None:
+            log.info("worker for %s stopped (exit code %s)", served.model_id, replica.supervisor.process.returncode)
     # Joined, not left behind: no thread may still be exiting when Python finalizes.
     served.tokenizer_thread.shutdown(wait=True, cancel_futures=True)
 

@@ -28,11 +28,11 @@ import tempfile
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import zmq.asyncio
 
-from protocol.messages import Hello
+from protocol.messages import CacheEvents, Hello
 from proxy.config import ModelSpec, WorkerOptions
 from proxy.errors import WorkerLinkRefused as LinkRefusedError
 from proxy.errors import WorkerUnavailable
@@ -208,6 +208,10 @@ class WorkerSupervisor:
         self._recovery: Optional[asyncio.Task[None]] = None
         self._stopping = False  # shutting down: no more restarts
         self.link_refused: Optional[str] = None  # why the last attempt's link was refused, until one succeeds
+        # The served model's hooks (replicas, routing): a worker's prefix events, and its going down / up.
+        self.on_cache_events: Optional[Callable[[CacheEvents], None]] = None
+        self.on_down: Optional[Callable[[], None]] = None
+        self.on_up: Optional[Callable[[], None]] = None
 
     @property
     def local(self) -> bool:
@@ -272,6 +276,8 @@ class WorkerSupervisor:
         self.state = WorkerState.DOWN
         self.down_since = time.monotonic()
         self.queue.hold()  # nothing queued goes to the dead worker
+        if self.on_down is not None:
+            self.on_down()
         if self._stopping:
             return
         if self.down_since - self._up_since >= self.options.restart_backoff_reset:
@@ -374,6 +380,7 @@ class WorkerSupervisor:
             keys=self.spec.link_keys,
         )
         client.on_failure = lambda reason, c=client: self._on_client_failure(c, reason)
+        client.on_cache_events = self.on_cache_events
         try:
             hello = await client.connect(options.start_timeout, exited=process.exited if process else None)
             self._check_same_model(hello)
@@ -401,6 +408,8 @@ class WorkerSupervisor:
         self._up_since = time.monotonic()
         assert self.client is not None and self.client.hello is not None
         self._apply_max_batch(self.client.hello)
+        if self.on_up is not None:
+            self.on_up()
 
     def _apply_max_batch(self, hello: Hello) -> None:
         max_batch = hello.max_batch

@@ -41,6 +41,7 @@ from protocol.codec import ProtocolError, decode, encode, frame_version
 from protocol.messages import (
     PROTOCOL_VERSION,
     Abort,
+    CacheEvents,
     Connect,
     Error,
     ErrorCode,
@@ -140,6 +141,7 @@ class WorkerClient:
     ) -> None:
         self.name = name
         self.on_failure = on_failure  # called once, when the worker first counts as dead
+        self.on_cache_events: Optional[Callable[[CacheEvents], None]] = None  # the router's view of its pool
         self.endpoint = endpoint
         self._heartbeat_interval = heartbeat_interval
         self._heartbeat_timeout = heartbeat_timeout
@@ -353,6 +355,10 @@ class WorkerClient:
             return
         if isinstance(message, Hello):
             self.hello = message
+            return
+        if isinstance(message, CacheEvents):
+            if self.on_cache_events is not None:
+                self.on_cache_events(message)
             return
         if isinstance(message, TokenFrame):
             for part in message.parts:

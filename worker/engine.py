@@ -41,6 +41,7 @@ from worker.disk_tier import DiskTier
 from worker.fingerprint import model_fingerprint
 from worker.grammar import GrammarError, ModelGrammars
 from worker.placement import DEFAULT_CHECKPOINT_INTERVAL
+from worker.prefix_events import StoredSequence
 from worker.pool import Checkpoint, CheckpointPool, Lease, RestorePlan, Sequence, TakenCheckpoint
 from worker.state_codec import SavedPoint
 
@@ -139,6 +140,12 @@ class Engine:
         if errors:
             raise _as_exception(errors[0])
         return loop.results[request.request_id]
+
+    def stored_sequences(self) -> list[StoredSequence]:
+        """The pool's stored sequences, for the prefix events the proxy routes by."""
+        if self.pool is None:
+            return []
+        return [StoredSequence(s.key, s.tokens, s.namespace) for s in self.pool.sequences.values() if s.tokens]
 
     def pool_stats(self) -> PoolStats:
         if self.pool is None:

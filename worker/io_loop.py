@@ -336,6 +336,7 @@ class IOLoop(threading.Thread):
         self.keys = keys
         # Written by the model thread (a reference swap), read here for Stats.
         self.pool_stats = PoolStats()
+        self.sessions = 0  # proxies admitted so far (written here, read by the model thread)
         self.bound = threading.Event()
         self.bind_error: Optional[BaseException] = None
         self.failed = False
@@ -502,6 +503,7 @@ class IOLoop(threading.Thread):
             self._on_peer_gone()
         if self._peer is None:
             log.info("a proxy connected")
+            self.sessions += 1  # the model thread then tells the new proxy its whole prefix set
         self._peer = envelope
         if self._hello is None:
             if envelope not in self._waiting_for_hello:

@@ -46,6 +46,7 @@ from worker.disk_lock import CacheDirLocked
 from worker.io_loop import SHUTDOWN_LINGER_MS, Close, IOLoop, Outbox, Ready, RequestBook, StopFlag
 from worker.engine import ContextLengthExceeded
 from worker.step_loop import StepLoop
+from worker.prefix_events import PrefixReporter
 from worker.memory import apply_memory_limit, memory_stats
 from worker.model_files import NotAModelDirectory
 
@@ -331,6 +332,8 @@ class ModelLoop:
         self.io = io
         self.steps = StepLoop(engine, max_batch)
         self._stats_due = False
+        self._prefixes = PrefixReporter()
+        self._session = 0  # the proxy session the prefix events were last sent in
 
     def run(self) -> str:
         """Serve until Shutdown or a stop request; returns why it ended."""
@@ -341,7 +344,7 @@ class ModelLoop:
                 return "shutdown"
             if self.steps.busy:
                 self._step()
-            if self._stats_due:
+            if self._stats_due or self.io.sessions != self._session:
                 self._send_stats()
         self.steps.abort_all()  # keeps what they computed, for the disk tier; nothing more is sent
         return self.stop.reason or "stopped by another rank"
@@ -408,6 +411,14 @@ class ModelLoop:
         pool = self.engine.pool_stats()
         self.io.pool_stats = pool
         self.outbox.put(Stats(memory=memory_stats(pool.bytes), pool=pool, running_requests=self.steps.running_ids()))
+        self._send_prefix_events()
+
+    def _send_prefix_events(self) -> None:
+        """What the pool can restore now, as changes (the whole set for a new proxy session)."""
+        reset = self.io.sessions != self._session
+        self._session = self.io.sessions
+        for message in self._prefixes.update(self.engine.stored_sequences(), reset=reset):
+            self.outbox.put(message)
 
     def _evict(self, command: Evict) -> None:
         try:

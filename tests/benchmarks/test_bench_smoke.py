@@ -428,3 +428,12 @@ def test_bench_grammar_runs_small(tmp_path):
     assert bench_grammar.main(["--rounds", "2", "--tokens", "16", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["plain_ms"] > 0 and data["grammar_ms"] > 0 and data["mask_ms"] > 0
+
+
+def test_bench_routing_runs_small():
+    from tests.benchmarks import bench_routing
+
+    figures = bench_routing.run(replicas=4, sequences=8, tokens=1024, requests=50)
+    assert figures["replicas"] == 4 and figures["blocks_held"] > 0
+    assert sum(figures["decisions"].values()) == 50
+    assert figures["total_ms_median"] > 0

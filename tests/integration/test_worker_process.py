@@ -20,6 +20,7 @@ from protocol.codec import decode, encode
 from protocol.messages import (
     PROTOCOL_VERSION,
     Abort,
+    CacheEvents,
     Connect,
     Error,
     ErrorCode,
@@ -129,8 +130,11 @@ class Client:
             if left <= 0 or not self.socket.poll(left * 1000):
                 raise TimeoutError("no message from the worker")
             message = decode(self.socket.recv())
-            # A repeated Connect may be answered twice: Hello is read only by the handshake.
-            if not (skip_stats and isinstance(message, Stats)) and not (skip_hello and isinstance(message, Hello)):
+            # A repeated Connect may be answered twice: Hello is read only by the handshake. CacheEvents
+            # report the pool, like Stats, whenever it changes (and whole to a new session).
+            if not (skip_stats and isinstance(message, (Stats, CacheEvents))) and not (
+                skip_hello and isinstance(message, Hello)
+            ):
                 return message
 
     def run(self, request: Generate, timeout: float = 30.0) -> tuple[list[Tokens], Message]:
@@ -257,6 +261,22 @@ def test_generate_streams_tokens_then_result(client):
     assert chunks[0].first_cache_facts is not None and chunks[0].first_cache_facts.prompt_tokens == 60
     assert all(chunk.first_cache_facts is None for chunk in chunks[1:])
     assert result.timings.total_s > 0 and result.memory.active > 0
+
+
+def test_a_stored_prompt_is_told_as_prefix_blocks(client):
+    from protocol.prefix_hash import block_hashes
+
+    prompt = _prompt(9, 200)
+    _, result = client.run(_generate("blocks-1", prompt, max_tokens=4))
+    assert isinstance(result, Result), result
+    stored: set[int] = set()
+    deadline = time.monotonic() + 10
+    want = set(block_hashes(prompt))  # the prompt's 3 whole blocks: its sequence covers them
+    while not want <= stored and time.monotonic() < deadline:
+        message = client.recv(skip_stats=False)
+        if isinstance(message, CacheEvents):
+            stored |= set(message.stored)
+    assert want <= stored
 
 
 def test_stop_token_ends_generation(client):

@@ -69,3 +69,32 @@ def test_proxy_key_options(tmp_path):
         with_link_keys((remote,), [f"m={tmp_path / 'worker.key'}"], "")
     with pytest.raises(ValueError, match="no --worker local"):
         with_link_keys((local,), [f"local={tmp_path / 'worker.key'}"], str(tmp_path / "proxy.key_secret"))
+
+
+def test_replicas_on_several_machines_each_get_their_own_key(tmp_path):
+    write_key_pairs(tmp_path / "a")
+    write_key_pairs(tmp_path / "b")
+    a = ModelSpec("m", None, endpoint="tcp://10.0.0.5:5555")
+    b = ModelSpec("m", None, endpoint="tcp://10.0.0.6:5555")
+    secret = str(tmp_path / "a" / "proxy.key_secret")
+    keys = [f"m@tcp://10.0.0.5:5555={tmp_path / 'a' / 'worker.key'}", f"m@tcp://10.0.0.6:5555={tmp_path / 'b' / 'worker.key'}"]
+    specs = with_link_keys((a, b), keys, secret)
+    assert specs[0].link_keys.server_public == load_public_key(str(tmp_path / "a" / "worker.key"))
+    assert specs[1].link_keys.server_public == load_public_key(str(tmp_path / "b" / "worker.key"))
+    with pytest.raises(ValueError, match="is not on this machine"):  # b has no key of its own, and no NAME=FILE
+        with_link_keys((a, b), keys[:1], secret)
+    with pytest.raises(ValueError, match="no --worker m=tcp://10.0.0.7:5555"):
+        with_link_keys((a, b), [f"m@tcp://10.0.0.7:5555={tmp_path / 'a' / 'worker.key'}"], secret)
+    shared = with_link_keys((a, b), [f"m={tmp_path / 'a' / 'worker.key'}"], secret)  # NAME=FILE: every replica
+    assert shared[0].link_keys.server_public == shared[1].link_keys.server_public
+
+
+def test_replica_specs_from_the_command_line(tmp_path):
+    from proxy.serve import model_specs
+
+    specs = model_specs([], ["m=tcp://127.0.0.1:5555", "m=tcp://127.0.0.1:5556"], ["alias=m"])
+    assert [s.endpoint for s in specs] == ["tcp://127.0.0.1:5555", "tcp://127.0.0.1:5556"]
+    assert all("alias" in s.aliases and "default_model" in s.aliases for s in specs)
+    with pytest.raises(ValueError, match="endpoint is given twice"):
+        model_specs([], ["m=tcp://127.0.0.1:5555", "m=tcp://127.0.0.1:5555"])
+    assert len(model_specs([], [], replicas=3)) == 3  # the built-in model, three local workers

@@ -12,6 +12,8 @@ import pytest
 
 from protocol.messages import CacheFacts, MemoryStats, PoolStats, RestoreKind, Stats, Timings
 from proxy.logs import JsonFormatter
+from proxy.config import ModelSpec
+from proxy.served_model import Replica, ServedModel
 from proxy.metrics import Metrics, WorkerView
 from proxy.request_log import RequestRecord
 from proxy.request_queue import RequestQueue
@@ -29,7 +31,10 @@ def finished(generated: int, timings: Timings | None) -> RequestRecord:
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
-    return metrics.registry.get_sample_value(f"mlx_cache_proxy_{name}", {"model": "m", **labels})
+    found = metrics.registry.get_sample_value(f"mlx_cache_proxy_{name}", {"model": "m", **labels})
+    if found is None:  # a worker's figure: one per replica
+        found = metrics.registry.get_sample_value(f"mlx_cache_proxy_{name}", {"model": "m", "replica": "0", **labels})
+    return found
 
 
 def test_time_per_output_token_and_decode_step_time_per_finished_request():
@@ -83,7 +88,8 @@ async def test_health_shows_the_running_requests_and_the_batch_limit():
     stats = Stats(memory=MemoryStats(), pool=PoolStats(leases=2, pinned_sequences=1), running_requests=["a", "b"])
     client = SimpleNamespace(hello=replace(HELLO, max_batch=2), stats=stats, endpoint="ipc://w", alive=True,
                              failure=None, last_seen=time.monotonic())
-    served = SimpleNamespace(client=client, model_id="m", process=None, queue=queue, restarts=0)
+    supervisor = SimpleNamespace(client=client, process=None, restarts=0, link_refused=None)
+    served = ServedModel(ModelSpec("m", None), [Replica(0, supervisor, queue)], tokenizer=None)
 
     health = _worker_health(served)
 

@@ -18,7 +18,7 @@ from proxy.metrics import Metrics
 from proxy.options import resolve
 from proxy.routes import add_routes
 from proxy.serve import default_model, model_specs
-from proxy.served_model import ModelRegistry, ServedModel
+from proxy.served_model import ModelRegistry, Replica, ServedModel
 from proxy.state import CONFIG, METRICS, REGISTRY
 from proxy.tokenize_routes import add_tokenize_routes
 from tests.unit.test_worker_client import HELLO
@@ -26,7 +26,7 @@ from tests.unit.test_worker_client import HELLO
 
 def served(model_id: str, *aliases: str, tokenizer=None, hello=HELLO) -> ServedModel:
     supervisor = SimpleNamespace(client=SimpleNamespace(hello=hello, stats=None))
-    return ServedModel(ModelSpec(model_id, None, aliases=aliases), supervisor, queue=None, tokenizer=tokenizer)
+    return ServedModel(ModelSpec(model_id, None, aliases=aliases), [Replica(0, supervisor, None)], tokenizer=tokenizer)
 
 
 # ----------------------------------------------------------------- names

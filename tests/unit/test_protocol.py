@@ -12,6 +12,7 @@ from protocol.codec import ProtocolError, decode, encode, frame_version
 from protocol.messages import (
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
+    CacheEvents,
     Abort,
     CacheFacts,
     CacheLayout,
@@ -128,6 +129,8 @@ SAMPLES = [
     Ping(),
     Stats(memory=MEMORY, pool=POOL, running_requests=["req-1", "req-2"]),
     Stats(memory=MEMORY, pool=POOL, running_requests=[]),
+    CacheEvents(64, stored=[1, (1 << 63) - 1], removed=[7], reset=True),
+    CacheEvents(64),
     Evict(target_bytes=1 << 20),
     Shutdown(),
 ]
