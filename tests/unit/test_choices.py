@@ -35,7 +35,8 @@ def test_each_choice_has_its_own_id_text_and_seed():
 def test_a_request_the_queue_cannot_hold_whole_is_refused_and_leaves_no_turn():
     async def scenario():
         queue = RequestQueue(max_waiting=1, max_running=1)
-        served = SimpleNamespace(queue=queue, model_id="m")
+        replica = SimpleNamespace(queue=queue)
+        served = SimpleNamespace(queue=queue, model_id="m", replicas=[replica], route=lambda tokens, namespace: replica)
         with pytest.raises(QueueFull):
             async with Choices(served, job(3), GenerationSettings()):
                 pass
