@@ -344,7 +344,7 @@ class ModelLoop:
                 return "shutdown"
             if self.steps.busy:
                 self._step()
-            if self._stats_due or self.io.sessions != self._session:
+            if self._stats_due or self._new_session():
                 self._send_stats()
         self.steps.abort_all()  # keeps what they computed, for the disk tier; nothing more is sent
         return self.stop.reason or "stopped by another rank"
@@ -404,6 +404,10 @@ class ModelLoop:
     def _reject(self, rid: str, code: ErrorCode, message: str) -> None:
         log.warning("request %s rejected: %s", rid, message)
         self._emit(Error(code, message, rid))
+
+    def _new_session(self) -> bool:
+        """A proxy connected since the prefix events were last sent (it needs the whole set)."""
+        return self.io is not None and self.io.sessions != self._session  # a follower rank has no link
 
     def _send_stats(self) -> None:
         # Right behind a Result: the proxy's figures are current when the client reads its reply.

@@ -19,7 +19,7 @@ from pathlib import Path
 import openai
 
 from tests.e2e.conftest import REPO, Server, free_port, launch, running_proxy, stop, wait_healthy
-from tests.e2e.test_metrics_and_guards import scrape, value
+from tests.e2e.test_metrics_and_guards import scrape, total
 from worker.disk_index import INDEX_FILE, token_bytes
 
 SYSTEM = {"role": "system", "content": "You answer in one line. " * 30}
@@ -134,7 +134,7 @@ def test_failed_writes_free_their_memory_leave_the_index_and_are_counted(tiny_mo
             chat(server, model, [SYSTEM, {"role": "user", "content": f"{i} {text}"}])
             time.sleep(0.6)  # a heartbeat's Stats after the writer is done
             samples = scrape(server)
-            figures.append({name: value(samples, f"mlx_cache_proxy_{name}", model=model) for name in (
+            figures.append({name: total(samples, f"mlx_cache_proxy_{name}", model=model) for name in (
                 "disk_write_failures_total", "disk_entries", "disk_pending_bytes", "mlx_active_memory_bytes",
                 "pool_bytes")})
         print("\n" + "\n".join(str(f) for f in figures))
