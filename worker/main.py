@@ -268,7 +268,16 @@ def _run(args, io: IOLoop, inbox, outbox: Outbox, book: RequestBook, stop: StopF
     outbox.put(Ready(_hello(engine, args)))
     _log_start(engine, args, io.pool_stats.capacity_bytes, ranks)
 
-    reason = _model_loop(engine, inbox, outbox, book, stop, io, args, ranks).run()
+    try:
+        reason = _model_loop(engine, inbox, outbox, book, stop, io, args, ranks).run()
+    except Exception as exc:
+        from worker.sharded import RankLost
+
+        if ranks is None or not isinstance(exc, RankLost):
+            raise
+        log.error("%s; stopping (a sharded worker runs only with every rank up)", exc)  # one line, no traceback
+        outbox.put(Close(0))
+        return 1
     log.info("stopping: %s", reason)
     try:
         io.stop_grace_s += DISK_SAVE_GRACE_S  # saving is work, not a hang

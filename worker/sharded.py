@@ -52,12 +52,19 @@ def distributed_group() -> Optional[Any]:
     return group if group.size() > 1 else None
 
 
+class RankLost(RuntimeError):
+    """A collective failed: another rank is gone, and the sharded worker cannot go on without it."""
+
+
 def _collective(array: mx.array, op) -> mx.array:
     # On the model's own stream: the ring matches collectives by their order, and a decode step may
     # still be running asynchronously (mlx-lm's batch evaluates the next step ahead); on another
     # stream a control exchange could overtake that step's all_sums on one rank and not the other.
     out = op(array, stream=generation_stream)
-    mx.eval(out)
+    try:
+        mx.eval(out)
+    except RuntimeError as exc:
+        raise RankLost(f"another rank of this sharded worker is gone ({exc})") from exc
     return out
 
 

@@ -16,7 +16,7 @@ from protocol.messages import Error, Evict, Generate, Message, Result, Shutdown
 from worker.main import STOP_POLL_S, ModelLoop, engine_config
 from worker.io_loop import StopFlag
 from worker.memory import apply_memory_limit
-from worker.sharded import Lockstep, Ranks
+from worker.sharded import Lockstep, RankLost, Ranks
 
 log = logging.getLogger("mlx_cache_proxy.worker")
 
@@ -94,6 +94,10 @@ def run_follower(args: Any, ranks: Ranks, stop: StopFlag) -> int:
         return 1
     apply_memory_limit(engine.memory_limit)
     log.info("rank %d of %d: holding its shard of %s", ranks.rank, ranks.size, engine.model_id)
-    reason = FollowerLoop(engine, stop, args.max_batch, Lockstep(ranks, None)).run()
+    try:
+        reason = FollowerLoop(engine, stop, args.max_batch, Lockstep(ranks, None)).run()
+    except RankLost as exc:
+        log.error("rank %d: %s; stopping", ranks.rank, exc)
+        return 1
     log.info("rank %d stopping: %s", ranks.rank, reason)
     return 0
