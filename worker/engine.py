@@ -455,4 +455,5 @@ def load_engine(model_path: str, config: EngineConfig, model_id: str | None = No
     limit = _context_limit(model_config or _read_config(path))
     engine = Engine(model, model_id or model_path, config, limit, vocab_size, model_fingerprint(path), ranks)
     engine.grammars = ModelGrammars(path, vocab_size)
+    engine.grammars.load_in_background()
     return engine

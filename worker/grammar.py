@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -24,6 +25,8 @@ from typing import Any, Optional, Sequence
 
 import llguidance as llg
 import numpy as np
+
+log = logging.getLogger("mlx_cache_proxy.worker")
 
 # Compiled grammars kept per worker (a schema's matcher is small: its lexer and grammar tables).
 MAX_COMPILED = 64
@@ -83,6 +86,17 @@ class ModelGrammars:
         self.vocab_size = vocab_size
         self._cache: Optional[GrammarCache] = None
         self._lock = threading.Lock()
+
+    def load_in_background(self) -> None:
+        """Load the tokenizer now, off the model thread: the first grammar request then waits for nothing
+        (a real model's tokenizer takes about a second, which would stall every running request)."""
+        threading.Thread(target=self._warm, name="grammar-tokenizer", daemon=True).start()
+
+    def _warm(self) -> None:
+        try:
+            self._grammars()
+        except Exception as exc:  # the first grammar request tries again and reports it
+            log.warning("grammar support not loaded ahead: %s", exc)
 
     def processor(self, grammar: str) -> GrammarProcessor:
         cache = self._grammars()
