@@ -35,6 +35,7 @@ MAX_CHOICES = 8  # n: each choice is a row of the worker's batch
 MAX_PENALTY = 2.0  # presence_penalty, frequency_penalty: OpenAI's -2..2
 MAX_LOGIT_BIAS = 100.0  # logit_bias values: OpenAI's -100..100
 DEFAULT_PENALTY_CONTEXT = 20  # mlx_lm.server's *_context_size
+MAX_PENALTY_CONTEXT = 1 << 24  # tokens a penalty may look back at (mlx-lm slices with 32-bit indices)
 SEED_RANGE = (-(2**63), 2**64 - 1)  # int64 as OpenAI documents it, and uint64 as MLX takes it
 MAX_JSON_DEPTH = 100
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
@@ -426,9 +427,9 @@ def _options(body: dict[str, Any], max_tokens: int, top_logprobs: int) -> Genera
         include_usage=include_usage,
         presence_penalty=_float(body, "presence_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY),
         frequency_penalty=_float(body, "frequency_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY),
-        repetition_context_size=_int(body, "repetition_context_size", DEFAULT_PENALTY_CONTEXT, 1, None),
-        presence_context_size=_int(body, "presence_context_size", DEFAULT_PENALTY_CONTEXT, 1, None),
-        frequency_context_size=_int(body, "frequency_context_size", DEFAULT_PENALTY_CONTEXT, 1, None),
+        repetition_context_size=_int(body, "repetition_context_size", DEFAULT_PENALTY_CONTEXT, 1, MAX_PENALTY_CONTEXT),
+        presence_context_size=_int(body, "presence_context_size", DEFAULT_PENALTY_CONTEXT, 1, MAX_PENALTY_CONTEXT),
+        frequency_context_size=_int(body, "frequency_context_size", DEFAULT_PENALTY_CONTEXT, 1, MAX_PENALTY_CONTEXT),
         logit_bias=_logit_bias(body.get("logit_bias")),
         n=_int(body, "n", 1, 1, MAX_CHOICES),
     )

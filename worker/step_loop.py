@@ -64,6 +64,7 @@ log = logging.getLogger("mlx_cache_proxy.worker")
 MIN_JOIN_TOKENS = 64
 # A long prefill says how far it is at most this often (one INFO line), so its minutes are not silent.
 PREFILL_LOG_INTERVAL_S = 5.0
+MAX_SAMPLERS = 64  # distinct sampling settings kept, each one sampler object
 
 
 class Phase(str, Enum):
@@ -369,7 +370,12 @@ class StepLoop:
             r.emit(Progress(request_id=r.rid, processed=end, total=n))
         if logits is not None:
             self.prefilling.remove(r)
-            self._begin_decoding(r, logits)
+            try:
+                self._begin_decoding(r, logits)
+            except Exception as exc:  # its own settings (processors, sampler): it alone fails, in no list now
+                log.exception("request %s: its first token failed", r.rid)
+                self.engine.discard(r.lease)
+                self._fail(r, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         elif r.should_abort():
             self._take(r, RestoreKind.PROMPT_END, None)
             self.prefilling.remove(r)
@@ -471,6 +477,8 @@ class StepLoop:
     def _sampler(self, sampling) -> Callable:
         key = (sampling.temperature, sampling.top_p, sampling.min_p, sampling.top_k)
         if key not in self._samplers:  # one object per setting, so a batch samples in one call
+            if len(self._samplers) >= MAX_SAMPLERS:  # settings are the clients' floats: keep a bounded few
+                self._samplers.pop(next(iter(self._samplers)))
             self._samplers[key] = make_sampler(
                 temp=sampling.temperature, top_p=sampling.top_p, min_p=sampling.min_p, top_k=sampling.top_k
             )

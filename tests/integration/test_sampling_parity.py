@@ -135,3 +135,22 @@ def test_twins_of_a_stored_prompt_fork_from_the_one_that_restored_it(engine):
         loop.step()
     for out in outs:
         assert (out.result.facts.cached_tokens, out.result.facts.recomputed_tokens) == (len(prompt), 0), out.result.facts
+
+
+def test_settings_that_break_the_first_token_fail_that_request_alone(engine):
+    """A request whose processors raise gets its Error; a neighbour in the loop decodes on, as alone."""
+    from protocol.messages import Error
+
+    loop = StepLoop(engine, max_batch=2)
+    messages: dict[str, list] = {"bad": [], "good": []}
+    bad = SamplingParams(max_tokens=MAX_TOKENS, frequency_penalty=0.5, frequency_context_size=1 << 40)
+    loop.submit(Generate("good", prompt_of(7), SamplingParams(max_tokens=MAX_TOKENS)), messages["good"].append, lambda: False)
+    loop.submit(Generate("bad", prompt_of(8), bad), messages["bad"].append, lambda: False)
+    for _ in range(10_000):
+        if not loop.busy:
+            break
+        loop.step()
+    assert not loop.busy
+    assert any(isinstance(m, Error) and m.request_id == "bad" for m in messages["bad"])
+    assert "good" in loop.results and not any(isinstance(m, Error) for m in messages["good"])
+    assert engine.pool is None or engine.pool.leases == 0  # the failed request's lease went back

@@ -332,3 +332,14 @@ def test_chat_template_kwargs_accept_plain_variables():
     kwargs = {"enable_thinking": False, "reasoning_effort": "low", "budget": 3, "x": None}
     body = {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": kwargs}
     assert parse_chat_request(body, 16).template_kwargs == kwargs
+
+
+@pytest.mark.parametrize("field", ["repetition_context_size", "presence_context_size", "frequency_context_size"])
+def test_penalty_context_sizes_are_bounded(field):
+    from proxy.errors import InvalidRequest
+    from proxy.openai_api import MAX_PENALTY_CONTEXT, parse_chat_request
+
+    body = {"messages": [{"role": "user", "content": "hi"}], field: MAX_PENALTY_CONTEXT + 1}
+    with pytest.raises(InvalidRequest, match=field):
+        parse_chat_request(body, 16)
+    assert getattr(parse_chat_request({**body, field: MAX_PENALTY_CONTEXT}, 16).options, field) == MAX_PENALTY_CONTEXT
