@@ -37,6 +37,8 @@ class ModelSpec:
     endpoint: Optional[str] = None  # a worker already running elsewhere; None: start one
     aliases: tuple[str, ...] = ()  # other names, or fnmatch patterns (`claude-*`), it answers to
     link_keys: Optional["ClientKeys"] = None  # CURVE to a remote worker: our key pair and its public key
+    # A local replica's own directory under --cache-dir (a disk tier is locked by one worker): "" for one worker
+    disk_subdir: str = ""
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,13 @@ log = logging.getLogger("mlx_cache_proxy")
 WORKER_SAVE_TIMEOUT_S = 140.0
 
 
+def _local_replicas(spec: ModelSpec, replicas: int) -> list[ModelSpec]:
+    """`replicas` local workers of `spec`, each with its own disk tier directory when there are several."""
+    if replicas == 1:
+        return [spec]
+    return [dataclasses.replace(spec, disk_subdir=f"replica-{i}") for i in range(replicas)]
+
+
 def model_specs(
     models: list[str], workers: list[str], aliases: list[str] = (), replicas: int = 1
 ) -> tuple[ModelSpec, ...]:
@@ -69,7 +76,7 @@ def model_specs(
     endpoints = [s.endpoint for s in specs if s.endpoint is not None]
     if len(set(endpoints)) < len(endpoints):
         raise ValueError("a --worker endpoint is given twice")
-    specs = [r for s in specs for r in ([s] * (replicas if s.endpoint is None else 1))]
+    specs = [r for s in specs for r in (_local_replicas(s, replicas) if s.endpoint is None else [s])]
     specs = with_aliases(specs, aliases)
     first = specs[0]
     if not any(DEFAULT_MODEL_ALIAS in (s.model_id, *s.aliases) for s in specs):

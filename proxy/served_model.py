@@ -231,7 +231,15 @@ async def open_served_model(
         served = ServedModel(spec=spec, replicas=replicas, tokenizer=tokenizer, router=Router(policy or RoutePolicy()))
         for replica in replicas:
             served.watch(replica)
-        hellos = await asyncio.gather(*(r.supervisor.start() for r in replicas))
+        starts = [asyncio.ensure_future(r.supervisor.start()) for r in replicas]
+        try:
+            hellos = await asyncio.gather(*starts)
+        except BaseException:
+            # One replica could not start: the others' starts stop too (gather leaves them running).
+            for start in starts:
+                start.cancel()
+            await asyncio.gather(*starts, return_exceptions=True)
+            raise
         if tokenizer is None:
             served.tokenizer = ChatTokenizer.load(_tokenizer_path(spec, hellos[0].model_id))
         _check_same_model(spec, hellos)

@@ -75,7 +75,8 @@ def worker_argv(spec: ModelSpec, options: WorkerOptions, endpoint: str) -> list[
     if options.max_batch is not None:
         argv += ["--max-batch", str(options.max_batch)]
     if options.cache_dir and not options.no_cache:
-        argv += ["--cache-dir", options.cache_dir, "--disk-cache-bytes", str(options.disk_cache_bytes)]
+        cache_dir = os.path.join(options.cache_dir, spec.disk_subdir) if spec.disk_subdir else options.cache_dir
+        argv += ["--cache-dir", cache_dir, "--disk-cache-bytes", str(options.disk_cache_bytes)]
     if options.memory_limit:
         argv += ["--memory-limit", str(options.memory_limit)]
     if options.max_kv_size:

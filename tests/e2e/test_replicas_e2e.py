@@ -154,3 +154,34 @@ def test_a_replica_killed_mid_run_loses_no_request(tiny_model, log_dir):
         refused = log.count('" 503 ')  # answered 503 (output had begun), retried by the client
         print(f"\nreplicas: after kill -9, {len(results)} requests completed; waiting-request moves logged: "
               f"{moved}; 503s the client retried: {refused}")
+
+
+def test_local_replicas_keep_a_disk_tier_each_and_one_that_cannot_start_fails_start_up(tiny_model, log_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.e2e.conftest import REPO, free_port
+    from worker.disk_lock import DirectoryLock
+    from worker.fingerprint import model_fingerprint
+
+    disk = tmp_path / "disk"
+    with running_proxy(tiny_model, log_dir, "--replicas", "2", "--cache-dir", str(disk), name="replica-disks") as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
+        model = client.models.list().data[0].id
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert sorted(p.name for p in disk.iterdir()) == ["replica-0", "replica-1"]  # no lock between them
+
+    held = disk / "replica-0" / model_fingerprint(tiny_model)  # another process holds replica 0's tier
+    held.mkdir(parents=True, exist_ok=True)
+    lock = DirectoryLock(held)
+    lock.acquire()
+    try:
+        argv = [sys.executable, "-m", "proxy.cli", "serve", "--model", str(tiny_model), "--port", str(free_port()),
+                "--replicas", "2", "--cache-dir", str(disk)]  # fmt: skip
+        started = time.monotonic()
+        done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1, done.stderr[-2000:]
+        assert time.monotonic() - started < 60
+        assert "is in use by another worker" in done.stderr + done.stdout
+    finally:
+        lock.release()
