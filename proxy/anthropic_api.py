@@ -254,6 +254,8 @@ def tool_choice(value: Any, tools: Optional[list[dict[str, Any]]]) -> str:
     kind = value.get("type") if isinstance(value, dict) else None
     if kind not in ("auto", "any", "tool", "none"):
         raise InvalidRequest("tool_choice: type must be auto, any, tool or none", param="tool_choice")
+    if kind == "any" and not tools:
+        raise InvalidRequest("tool_choice: any needs tools", param="tool_choice")
     if kind == "tool":
         name = _string(value, "name", "tool_choice")
         if name not in {t["function"]["name"] for t in tools or []}:

@@ -104,7 +104,10 @@ def forced_tools(choice: Any, tools: Optional[list[dict[str, Any]]]) -> Optional
 
 def _json_rule(schema: dict[str, Any]) -> str:
     """A Lark `%json` item for `schema`, with our whitespace options (llguidance reads them from x-guidance)."""
-    guided = {**schema, "x-guidance": {**JSON_OPTIONS, **(schema.get("x-guidance") or {})}}
+    given = schema.get("x-guidance") or {}
+    if not isinstance(given, dict):
+        raise InvalidRequest("x-guidance in a schema must be an object of llguidance options", param="response_format")
+    guided = {**schema, "x-guidance": {**JSON_OPTIONS, **given}}
     return f"%json {json.dumps(guided, ensure_ascii=False)}"
 
 

@@ -399,3 +399,24 @@ def test_error_shapes(error, status, kind):
     assert response.status == status and json.loads(response.text)["error"]["type"] == kind
     if error.retry_after is not None:
         assert response.headers["Retry-After"] == str(error.retry_after)
+
+
+def test_tool_choice_any_without_tools_is_a_400():
+    import pytest
+
+    from proxy.anthropic_api import tool_choice
+    from proxy.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="any needs tools"):
+        tool_choice({"type": "any"}, None)
+
+
+def test_a_schema_whose_x_guidance_is_not_an_object_is_a_400():
+    import pytest
+
+    from proxy.errors import InvalidRequest
+    from proxy.grammar import _json_rule
+
+    with pytest.raises(InvalidRequest, match="x-guidance"):
+        _json_rule({"type": "object", "x-guidance": "bad"})
+    assert _json_rule({"type": "object"}).startswith("%json ")
