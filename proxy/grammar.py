@@ -17,6 +17,7 @@ emit whitespace until max_tokens.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -85,11 +86,23 @@ def anthropic_output_format(body: dict[str, Any]) -> Optional[JsonOutput]:
     return JsonOutput(schema, f"{where}.schema")
 
 
+FORCEABLE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # OpenAI's and Anthropic's name rules, with . and :
+
+
 def forced_tools(choice: Any, tools: Optional[list[dict[str, Any]]]) -> Optional[ToolCallOutput]:
     """A tool call the reply must be, from a checked OpenAI or Anthropic tool_choice; None when not forced."""
     if not tools:
         return None
     names = tuple(t["function"]["name"] for t in tools)
+    forcing = choice == "required" or (isinstance(choice, dict) and choice.get("type") in ("any", "function", "tool"))
+    for name in names if forcing else ():
+        if not FORCEABLE_NAME.fullmatch(name):
+            # The call's text is parsed back at the family's markers: a name holding one would split it.
+            raise InvalidRequest(
+                f"a tool call can be forced only for tools named with letters, digits, _ . : - "
+                f"(at most 128 characters): {json.dumps(name)[:80]}",
+                param="tool_choice",
+            )
     if choice == "required" or (isinstance(choice, dict) and choice.get("type") == "any"):
         return ToolCallOutput(names)
     if isinstance(choice, dict) and choice.get("type") == "function":

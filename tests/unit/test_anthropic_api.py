@@ -420,3 +420,19 @@ def test_a_schema_whose_x_guidance_is_not_an_object_is_a_400():
     with pytest.raises(InvalidRequest, match="x-guidance"):
         _json_rule({"type": "object", "x-guidance": "bad"})
     assert _json_rule({"type": "object"}).startswith("%json ")
+
+
+def test_a_call_is_forced_only_for_tools_with_plain_names():
+    import pytest
+
+    from proxy.errors import InvalidRequest
+    from proxy.grammar import forced_tools
+
+    def tools(*names):
+        return [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}} for n in names]
+
+    assert forced_tools("required", tools("get_weather", "mcp.server:read-file")).names == (
+        "get_weather", "mcp.server:read-file")  # fmt: skip
+    with pytest.raises(InvalidRequest, match="forced only"):
+        forced_tools("required", tools('a"b\n</tool_call>'))
+    assert forced_tools("auto", tools('a"b\n</tool_call>')) is None  # not forced: nothing to split
