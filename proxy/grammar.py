@@ -63,7 +63,10 @@ def openai_response_format(fmt: Any) -> Optional[JsonOutput]:
         if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
             raise InvalidRequest("response_format.json_schema.strict must be a boolean",
                                  param="response_format.json_schema.strict")  # fmt: skip
-        # strict or not, the reply is decoded within the schema
+        if schema is False:  # JSON Schema's "nothing is valid": no reply could keep to it
+            raise InvalidRequest("response_format.json_schema.schema is false: no value satisfies it",
+                                 param="response_format.json_schema.schema")  # fmt: skip
+        # strict or not, the reply is decoded within the schema (true: any JSON value)
         return JsonOutput(schema if isinstance(schema, dict) else {}, "response_format.json_schema.schema")
     raise InvalidRequest('response_format type must be "text", "json_object" or "json_schema"', param="response_format")
 

@@ -436,3 +436,14 @@ def test_a_call_is_forced_only_for_tools_with_plain_names():
     with pytest.raises(InvalidRequest, match="forced only"):
         forced_tools("required", tools('a"b\n</tool_call>'))
     assert forced_tools("auto", tools('a"b\n</tool_call>')) is None  # not forced: nothing to split
+
+
+def test_a_schema_of_false_is_a_400():
+    import pytest
+
+    from proxy.errors import InvalidRequest
+    from proxy.grammar import openai_response_format
+
+    with pytest.raises(InvalidRequest, match="no value satisfies it"):
+        openai_response_format({"type": "json_schema", "json_schema": {"name": "x", "schema": False}})
+    assert openai_response_format({"type": "json_schema", "json_schema": {"name": "x", "schema": True}}) is not None
