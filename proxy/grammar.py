@@ -16,9 +16,11 @@ emit whitespace until max_tokens.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -127,6 +129,28 @@ def _json_rule(schema: dict[str, Any]) -> str:
     return f"%json {json.dumps(guided, ensure_ascii=False)}"
 
 
+class CheckedGrammars:
+    """Digests of grammars llguidance compiled, the most recent `max_entries` (shared by the grammar threads)."""
+
+    def __init__(self, max_entries: int = 1024) -> None:
+        self.max_entries = max_entries
+        self._seen: OrderedDict[bytes, bool] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: bytes) -> bool:
+        with self._lock:
+            if key in self._seen:
+                self._seen.move_to_end(key)
+                return True
+            return False
+
+    def put(self, key: bytes, value: bool) -> None:
+        with self._lock:
+            self._seen[key] = value
+            while len(self._seen) > self.max_entries:
+                self._seen.popitem(last=False)
+
+
 class GrammarBuilder:
     """Grammars for one model's tokenizer (mlx-lm's TokenizerWrapper); llguidance's tokenizer is built on first use."""
 
@@ -134,6 +158,7 @@ class GrammarBuilder:
         self.wrapper = wrapper
         self._ll: Any = None
         self._lock = threading.Lock()
+        self._checked = CheckedGrammars()  # digests of grammars that compiled: clients repeat their schemas
 
     def grammar(
         self, constraint: OutputConstraint, tools: Optional[list[dict[str, Any]]], initial_state: str = "normal"
@@ -151,8 +176,12 @@ class GrammarBuilder:
         opening = self._literal(self.wrapper.think_end) + ' "\\n\\n" ' if initial_state == "reasoning" else ""
         lark = f"start: {opening}{body}\n"
         text = llg.LLMatcher.grammar_from_lark(lark)
+        key = hashlib.sha256(text.encode("utf-8")).digest()
+        if self._checked.get(key):
+            return Grammar(GrammarKind.LLGUIDANCE, text)  # a schema seen before: not compiled again
         try:
             check_grammar(text, self._tokenizer())
+            self._checked.put(key, True)
         except GrammarError as exc:
             reason = str(exc).split("\n   1 | ")[0]  # llguidance quotes the grammar after its reason: not ours to show
             raise InvalidRequest(f"the schema cannot be used for constrained decoding: {reason}", param=constraint.param) from exc

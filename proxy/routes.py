@@ -211,7 +211,7 @@ async def _chat_job(
     _check_prompt(served, rendered.tokens)
     options = chat.options
     if chat.constraint is not None:  # compiled here too: a schema llguidance refuses is a 400 before queueing
-        grammar = await served.in_tokenizer_thread(
+        grammar = await served.in_grammar_thread(
             served.tokenizer.grammars.grammar, chat.constraint, chat.tools, rendered.initial_state
         )
         options = dataclasses.replace(options, grammar=grammar)

@@ -40,6 +40,7 @@ log = logging.getLogger("mlx_cache_proxy")
 T = TypeVar("T")
 
 TOKENIZER_THREADS = 4
+GRAMMAR_THREADS = 2
 
 
 PREFILL_TPS_MIN_TOKENS = 64  # a Result that computed fewer prompt tokens says little about prefill speed
@@ -95,6 +96,11 @@ class ServedModel:
     # releases the GIL, so with a few threads a short prompt does not wait for a long one.
     tokenizer_thread: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=TOKENIZER_THREADS, thread_name_prefix="tokenizer")
+    )
+    # Compiling a client's schema can take seconds (llguidance releases the GIL): on threads of its
+    # own, so heavy schemas hold up only other structured requests, never tokenizing.
+    grammar_thread: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=GRAMMAR_THREADS, thread_name_prefix="grammar")
     )
     background: set[asyncio.Task[Any]] = field(default_factory=set)
 
@@ -179,6 +185,10 @@ class ServedModel:
         )
         if moved:
             log.warning("replica %s of %s is down: %d waiting request(s) move to the others", replica.label, self.model_id, moved)
+
+    async def in_grammar_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.grammar_thread, functools.partial(fn, *args, **kwargs))
 
     async def in_tokenizer_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -298,6 +308,7 @@ async def close_served_model(served: ServedModel, config: ProxyConfig) -> None:
             log.info("worker for %s stopped (exit code %s)", served.model_id, replica.supervisor.process.returncode)
     # Joined, not left behind: no thread may still be exiting when Python finalizes.
     served.tokenizer_thread.shutdown(wait=True, cancel_futures=True)
+    served.grammar_thread.shutdown(wait=True, cancel_futures=True)
 
 
 class ModelRegistry:

@@ -98,6 +98,14 @@ class ModelGrammars:
         except Exception as exc:  # the first grammar request tries again and reports it
             log.warning("grammar support not loaded ahead: %s", exc)
 
+    def compile_ahead(self, grammar: str) -> None:
+        """Compile `grammar` into the cache now, on the caller's thread (llguidance releases the GIL):
+        the model thread then only copies it. A grammar that fails is reported when its request is submitted."""
+        try:
+            self._grammars().matcher(grammar)
+        except Exception:
+            pass
+
     def processor(self, grammar: str) -> GrammarProcessor:
         cache = self._grammars()
         return GrammarProcessor(cache.matcher(grammar), self.vocab_size, cache.tokenizer.eos_tokens)

@@ -37,7 +37,7 @@ import stat
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import msgpack
 import zmq
@@ -347,6 +347,8 @@ class IOLoop(threading.Thread):
         self._stop_seen_at: Optional[float] = None
         self.stop_grace_s = STOP_GRACE_S  # the model thread extends it while it saves the pool to disk
         self._shutting_down = False  # after Shutdown nothing new is started
+        # Set once the engine has loaded: compiles a request's grammar before the model thread sees it.
+        self.compile_ahead: Optional[Callable[[str], None]] = None
         self._dropped = RateLimitedLog()
         self._refused = RateLimitedLog()
 
@@ -533,7 +535,19 @@ class IOLoop(threading.Thread):
         if not self.book.enqueue(request):
             self._send(envelope, Error(ErrorCode.BAD_REQUEST, "request id already in use", request.request_id))
             return
-        self.inbox.put(request)
+        grammar = request.sampling.grammar
+        if grammar is not None and self.compile_ahead is not None:
+            # Compiled on a thread of its own first: a schema that takes seconds stalls no running request.
+            threading.Thread(target=self._compile_then_queue, args=(request, grammar.text), daemon=True,
+                             name="grammar-compile").start()  # fmt: skip
+        else:
+            self.inbox.put(request)
+
+    def _compile_then_queue(self, request: Generate, grammar: str) -> None:
+        try:
+            self.compile_ahead(grammar)
+        finally:
+            self.inbox.put(request)  # an Abort meanwhile took it out of the book: the model loop skips it
 
     def _on_abort(self, message: Abort) -> None:
         removed = self.book.abort(message.request_id)

@@ -265,6 +265,8 @@ def _run(args, io: IOLoop, inbox, outbox: Outbox, book: RequestBook, stop: StopF
         return 1
     apply_memory_limit(engine.memory_limit)
     io.pool_stats = engine.pool_stats()
+    if engine.grammars is not None:
+        io.compile_ahead = engine.grammars.compile_ahead
     outbox.put(Ready(_hello(engine, args)))
     _log_start(engine, args, io.pool_stats.capacity_bytes, ranks)
 
