@@ -26,7 +26,6 @@ import copy
 import json
 import logging
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -37,6 +36,8 @@ from proxy.errors import ContextLengthExceeded, InvalidRequest
 from proxy.grammar import GrammarBuilder
 from proxy.guards import check_text_size
 from proxy.harmony import HARMONY_REPLY_ENDS, HarmonyOutput, TokenBridge, harmony_encoding, is_harmony_tokenizer
+from proxy.lru import LockedLRU
+from proxy.openai_api import nested_deeper_than
 from proxy.prompt_tokens import Encoded, PromptEncoder, TokenizationCancelled
 from proxy.text_output import TextOutput
 
@@ -80,7 +81,7 @@ def boundary_hints(
 _UNKNOWN = object()
 
 
-class MessageEnds:
+class MessageEnds(LockedLRU):
     """Where the rendering of messages[:k] ends in a conversation's text, keyed by those messages' content.
 
     A value is (length, hash) of that prefix render, or None when the template
@@ -92,9 +93,7 @@ class MessageEnds:
     """
 
     def __init__(self, max_entries: int = 16384) -> None:
-        self.max_entries = max_entries
-        self._ends: OrderedDict[int, Any] = OrderedDict()
-        self._lock = threading.Lock()  # shared by the tokenizer threads
+        super().__init__(max_entries)  # shared by the tokenizer threads
 
     @staticmethod
     def keys(messages: list[dict[str, Any]], context: Any) -> list[int]:
@@ -104,18 +103,9 @@ class MessageEnds:
             chain.append(hash((chain[-1], _canonical(message))))
         return chain
 
-    def get(self, key: int) -> Any:
-        with self._lock:
-            value = self._ends.get(key, _UNKNOWN)
-            if value is not _UNKNOWN:
-                self._ends.move_to_end(key)
-            return value
-
-    def put(self, key: int, value: Any) -> None:
-        with self._lock:
-            self._ends[key] = value
-            while len(self._ends) > self.max_entries:
-                self._ends.popitem(last=False)
+    def get(self, key: int, default: Any = _UNKNOWN) -> Any:
+        """The end under `key`, or _UNKNOWN (a stored None means the template refused that prefix)."""
+        return super().get(key, default)
 
 
 def _canonical(value: Any) -> str:
@@ -171,15 +161,7 @@ def _parsed_arguments(text: str) -> Any:
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except (ValueError, RecursionError, UnicodeEncodeError):
         return None
-    return value if _depth(value) <= MAX_ARGUMENT_DEPTH else None
-
-
-def _depth(value: Any) -> int:
-    level, depth = [value], 0
-    while level:
-        depth += 1
-        level = [v for node in level if isinstance(node, (dict, list)) for v in (node.values() if isinstance(node, dict) else node)]
-    return depth - 1
+    return None if nested_deeper_than(value, MAX_ARGUMENT_DEPTH) else value
 
 
 # What clients call an assistant message's past reasoning; templates read one of them

@@ -20,12 +20,12 @@ import hashlib
 import json
 import re
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from protocol.messages import Grammar, GrammarKind
 from proxy.errors import InvalidRequest
+from proxy.lru import LockedLRU
 
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
@@ -91,6 +91,7 @@ def anthropic_output_format(body: dict[str, Any]) -> Optional[JsonOutput]:
     return JsonOutput(schema, f"{where}.schema")
 
 
+CHECKED_GRAMMARS = 1024  # digests of compiled grammars remembered
 FORCEABLE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # OpenAI's and Anthropic's name rules, with . and :
 
 
@@ -129,28 +130,6 @@ def _json_rule(schema: dict[str, Any]) -> str:
     return f"%json {json.dumps(guided, ensure_ascii=False)}"
 
 
-class CheckedGrammars:
-    """Digests of grammars llguidance compiled, the most recent `max_entries` (shared by the grammar threads)."""
-
-    def __init__(self, max_entries: int = 1024) -> None:
-        self.max_entries = max_entries
-        self._seen: OrderedDict[bytes, bool] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: bytes) -> bool:
-        with self._lock:
-            if key in self._seen:
-                self._seen.move_to_end(key)
-                return True
-            return False
-
-    def put(self, key: bytes, value: bool) -> None:
-        with self._lock:
-            self._seen[key] = value
-            while len(self._seen) > self.max_entries:
-                self._seen.popitem(last=False)
-
-
 class GrammarBuilder:
     """Grammars for one model's tokenizer (mlx-lm's TokenizerWrapper); llguidance's tokenizer is built on first use."""
 
@@ -158,7 +137,7 @@ class GrammarBuilder:
         self.wrapper = wrapper
         self._ll: Any = None
         self._lock = threading.Lock()
-        self._checked = CheckedGrammars()  # digests of grammars that compiled: clients repeat their schemas
+        self._checked = LockedLRU(CHECKED_GRAMMARS)  # digests of grammars that compiled: clients repeat schemas
 
     def grammar(
         self, constraint: OutputConstraint, tools: Optional[list[dict[str, Any]]], initial_state: str = "normal"
@@ -177,7 +156,7 @@ class GrammarBuilder:
         lark = f"start: {opening}{body}\n"
         text = llg.LLMatcher.grammar_from_lark(lark)
         key = hashlib.sha256(text.encode("utf-8")).digest()
-        if self._checked.get(key):
+        if self._checked.get(key, False):
             return Grammar(GrammarKind.LLGUIDANCE, text)  # a schema seen before: not compiled again
         try:
             check_grammar(text, self._tokenizer())

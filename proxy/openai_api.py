@@ -131,7 +131,7 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
         raise InvalidJson("the request body is nested too deeply") from exc
     if not isinstance(body, dict):
         raise InvalidJson("the request body must be a JSON object")
-    if _nested_deeper_than(body, MAX_JSON_DEPTH):
+    if nested_deeper_than(body, MAX_JSON_DEPTH):
         # Copying or rendering it would exhaust Python's recursion limit.
         raise InvalidJson(f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
     if _SURROGATE_ESCAPE.search(raw):
@@ -143,7 +143,8 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def _nested_deeper_than(value: Any, limit: int) -> bool:
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """Do containers nest more than `limit` levels (the value itself the first)? A walk level by level."""
     level, depth = [value], 1
     while level:
         if depth > limit:

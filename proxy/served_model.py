@@ -187,12 +187,10 @@ class ServedModel:
             log.warning("replica %s of %s is down: %d waiting request(s) move to the others", replica.label, self.model_id, moved)
 
     async def in_grammar_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.grammar_thread, functools.partial(fn, *args, **kwargs))
+        return await _run_in(self.grammar_thread, fn, *args, **kwargs)
 
     async def in_tokenizer_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.tokenizer_thread, functools.partial(fn, *args, **kwargs))
+        return await _run_in(self.tokenizer_thread, fn, *args, **kwargs)
 
     async def tokenize(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """`fn(*args, cancelled=event, **kwargs)` on a tokenizer thread; the event is set when the caller is cancelled.
@@ -212,6 +210,11 @@ class ServedModel:
         task = asyncio.get_running_loop().create_task(coro)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
+
+
+
+async def _run_in(executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    return await asyncio.get_running_loop().run_in_executor(executor, functools.partial(fn, *args, **kwargs))
 
 
 async def open_served_model(
