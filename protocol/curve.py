@@ -18,13 +18,14 @@ import ipaddress
 import logging
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import zmq
 import zmq.auth
+
+from protocol.log_throttle import LogThrottle
 from zmq.auth.thread import ThreadAuthenticator
 
 log = logging.getLogger("mlx_cache_proxy.link")
@@ -161,21 +162,17 @@ class AllowedClients:
 
     def __init__(self, allowed: frozenset[bytes]) -> None:
         self.allowed = allowed
-        self._next_log = 0.0
-        self._denied_unlogged = 0
+        self._denied = LogThrottle(DENIED_LOG_INTERVAL_S)
 
     def callback(self, domain: str, key: bytes) -> bool:
         if key in self.allowed:
             return True
-        self._denied_unlogged += 1
-        now = time.monotonic()
-        if now >= self._next_log:
+        count = self._denied.count()
+        if count:
             log.warning(
                 "refused a connection whose CURVE key %s is not an allowed proxy key (%d refusal(s))",
-                key.decode(errors="replace"), self._denied_unlogged,
+                key.decode(errors="replace"), count,
             )  # fmt: skip
-            self._denied_unlogged = 0
-            self._next_log = now + DENIED_LOG_INTERVAL_S
         return False
 
 

@@ -33,6 +33,7 @@ import resource
 import time
 from typing import Any, Callable, Optional
 
+from protocol.log_throttle import LogThrottle
 from proxy.anthropic_api import is_anthropic_path
 from proxy.auth import is_monitoring_path
 
@@ -285,9 +286,7 @@ class AcceptErrorFilter:
     def __init__(self, previous: Optional[Callable[[asyncio.AbstractEventLoop, dict], None]],
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.previous = previous
-        self.suppressed = 0
-        self._last_log = -float("inf")
-        self._clock = clock
+        self._throttle = LogThrottle(REFUSAL_LOG_INTERVAL_S, clock)
 
     def __call__(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
         if "out of system resource" not in str(context.get("message", "")):
@@ -296,10 +295,7 @@ class AcceptErrorFilter:
             else:
                 loop.default_exception_handler(context)
             return
-        now = self._clock()
-        self.suppressed += 1
-        if now - self._last_log >= REFUSAL_LOG_INTERVAL_S:
+        count = self._throttle.count()
+        if count:
             log.error("accept() failing: %s (%d time(s) in the last %.0f s; asyncio retries each second)",
-                      context.get("exception"), self.suppressed, REFUSAL_LOG_INTERVAL_S)
-            self.suppressed = 0
-            self._last_log = now
+                      context.get("exception"), count, REFUSAL_LOG_INTERVAL_S)

@@ -64,6 +64,7 @@ from protocol.messages import (
     Timings,
 )
 from protocol.curve import ServerKeys, start_authenticator
+from protocol.log_throttle import LogThrottle
 from worker.memory import memory_stats
 
 log = logging.getLogger("mlx_cache_proxy.worker")
@@ -278,18 +279,12 @@ class RateLimitedLog:
     """A warning at most once per `interval` seconds, counting the ones left out (strangers may flood)."""
 
     def __init__(self, interval: float = DROPPED_LOG_INTERVAL_S) -> None:
-        self.interval = interval
-        self._next = 0.0
-        self._unlogged = 0
+        self._throttle = LogThrottle(interval)
 
     def warning(self, text: str, *args: Any) -> None:
-        self._unlogged += 1
-        now = time.monotonic()
-        if now < self._next:
-            return
-        log.warning(text + " (%d such frame(s) since the last report)", *args, self._unlogged)
-        self._unlogged = 0
-        self._next = now + self.interval
+        count = self._throttle.count()
+        if count:
+            log.warning(text + " (%d such frame(s) since the last report)", *args, count)
 
 
 def _frame_kind(payload: bytes) -> Optional[str]:
